@@ -1,0 +1,1 @@
+"""AnnData loading, condition parsing, splits, DE genes and synthetic data."""

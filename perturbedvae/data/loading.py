@@ -1,0 +1,320 @@
+"""Load and validate a perturbation AnnData once, so everything downstream can trust it.
+
+The loader reads the user's file into memory and never writes to it. It checks every input users get
+wrong (missing column, no controls, malformed conditions, NaN/inf, duplicated genes, wrong file type),
+detects counts versus log-normalized data, normalizes counts the usual scanpy way (total 1e4 + log1p,
+raw counts kept in `layers['counts']`), and can select highly variable genes while always keeping the
+measured perturbed genes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from perturbedvae.data.conditions import CONTROL, DEFAULT_CONTROL_LABELS, ConditionSyntax, genes_of
+from perturbedvae.errors import ConditionError, DataError
+
+CONDITION_COLUMN = "perturbedvae_condition"
+"""obs column of the working copy holding each cell's canonical condition."""
+
+COUNTS_LAYER = "counts"
+
+
+@dataclass
+class PerturbationData:
+    """A validated perturbation dataset.
+
+    Attributes:
+        adata: Working copy; `X` is log-normalized, `obs[CONDITION_COLUMN]` holds canonical conditions.
+        syntax: How the source file spells conditions.
+        condition_key: The obs column the conditions were read from.
+        is_counts: Whether the source held raw counts (then kept in `layers['counts']`).
+        raw_spelling: Canonical name -> first spelling in the source (GEARS' split sorts spellings).
+        source: Path of the file read, if any.
+    """
+
+    adata: ad.AnnData
+    syntax: ConditionSyntax
+    condition_key: str
+    is_counts: bool
+    raw_spelling: dict[str, str] = field(default_factory=dict)
+    source: str | None = None
+
+    @property
+    def conditions(self) -> np.ndarray:
+        """Canonical condition of every cell."""
+        return self.adata.obs[CONDITION_COLUMN].to_numpy(dtype=object)
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.adata.var_names)
+
+    @cached_property
+    def condition_names(self) -> list[str]:
+        """Unique canonical conditions, control first, then sorted."""
+        names = set(self.conditions)
+        names.discard(CONTROL)
+        return [CONTROL, *sorted(names)]
+
+    @cached_property
+    def perturbed_genes(self) -> list[str]:
+        """Every gene perturbed alone or in a combination, sorted."""
+        return sorted({gene for name in self.condition_names for gene in genes_of(name)})
+
+    def cell_indices(self, condition: str) -> np.ndarray:
+        return np.flatnonzero(self.conditions == condition)
+
+    @cached_property
+    def mean_profiles(self) -> pd.DataFrame:
+        """Mean log-normalized profile of every condition (conditions x genes, float64)."""
+        codes, uniques = pd.factorize(self.conditions)
+        n_groups = len(uniques)
+        indicator = sp.csr_matrix(
+            (np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_groups, len(codes))
+        )
+        sums = indicator @ self.adata.X
+        sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
+        counts = np.bincount(codes, minlength=n_groups)[:, None]
+        frame = pd.DataFrame(sums / counts, index=list(uniques), columns=self.genes)
+        return frame.loc[self.condition_names]
+
+    @property
+    def control_mean(self) -> np.ndarray:
+        return self.mean_profiles.loc[CONTROL].to_numpy()
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Short hash of expression, genes and conditions: keys caches and is printed in reports."""
+        digest = hashlib.sha256()
+        matrix = self.adata.X
+        if sp.issparse(matrix):
+            matrix = matrix.tocsr()
+            for part in (matrix.data, matrix.indices, matrix.indptr):
+                digest.update(np.ascontiguousarray(part).tobytes())
+        else:
+            digest.update(np.ascontiguousarray(matrix).tobytes())
+        digest.update("\x1f".join(self.genes).encode())
+        digest.update("\x1f".join(map(str, self.conditions)).encode())
+        return digest.hexdigest()[:16]
+
+
+def read_h5ad(path: str | Path) -> ad.AnnData:
+    """Read an .h5ad file into memory with a clear error for a missing or non-h5ad file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give the path of an .h5ad file")
+    if path.suffix != ".h5ad":
+        raise DataError(
+            f"{path}: expected an AnnData .h5ad file; convert other formats with anndata/scanpy "
+            "(e.g. sc.read_10x_h5(...).write_h5ad('data.h5ad'))"
+        )
+    try:
+        return ad.read_h5ad(path)
+    except Exception as error:  # h5py/anndata raise many types for a corrupt file
+        raise DataError(f"{path} could not be read as an AnnData .h5ad file ({type(error).__name__}: {error})") from error
+
+
+def load_dataset(
+    source: str | Path | ad.AnnData,
+    *,
+    condition_key: str = "condition",
+    control_labels: Sequence[str] | None = None,
+    delimiter: str = "+",
+    obs_filter: Mapping[str, object] | None = None,
+    gene_symbol_key: str | None = None,
+    min_cells: int = 10,
+    n_top_genes: int | None = None,
+) -> PerturbationData:
+    """Load, validate and normalize a perturbation dataset.
+
+    Args:
+        source: Path of an `.h5ad` file or an AnnData (copied, never modified).
+        condition_key: obs column with condition strings.
+        control_labels: Labels meaning "no perturbation"; default `control`, `ctrl`, `non-targeting`.
+        delimiter: Separator between genes of a combination.
+        obs_filter: Keep only cells whose obs columns equal these values, e.g. `{"dataset": "norman19"}`.
+        gene_symbol_key: var column with gene symbols to use as gene names (default: `var_names`).
+        min_cells: Conditions with fewer cells trigger a warning (their metrics are noisy).
+        n_top_genes: Keep this many highly variable genes plus every measured perturbed gene.
+
+    Raises:
+        DataError, ConditionError: with a message naming the fix.
+    """
+    if isinstance(source, ad.AnnData):
+        adata, path = source.copy(), None
+    else:
+        adata, path = read_h5ad(source), str(source)
+    if adata.isbacked:
+        adata = adata.to_memory()
+    adata = _apply_obs_filter(adata, obs_filter)
+    _use_gene_symbols(adata, gene_symbol_key)
+    _check_gene_names(adata)
+    syntax = ConditionSyntax(tuple(control_labels) if control_labels else DEFAULT_CONTROL_LABELS, delimiter)
+    canonical, raw_spelling = _parse_conditions(adata, condition_key, syntax)
+    adata.obs[CONDITION_COLUMN] = pd.Categorical(canonical)
+    _warn_small_conditions(canonical, min_cells)
+    adata.X = _as_float32(adata.X)
+    _check_finite(adata.X)
+    is_counts = looks_like_counts(adata.X)
+    if is_counts:
+        _normalize_counts(adata)
+    elif _min_value(adata.X) < 0:
+        raise DataError(
+            "expression has negative values: it looks scaled or centred. Give raw counts or log-normalized "
+            "data (sc.pp.normalize_total + sc.pp.log1p) instead"
+        )
+    data = PerturbationData(adata, syntax, condition_key, is_counts, raw_spelling, path)
+    if n_top_genes is not None:
+        data = select_highly_variable_genes(data, n_top_genes)
+    return data
+
+
+def _apply_obs_filter(adata: ad.AnnData, obs_filter: Mapping[str, object] | None) -> ad.AnnData:
+    if not obs_filter:
+        return adata
+    keep = np.ones(adata.n_obs, dtype=bool)
+    for column, value in obs_filter.items():
+        if column not in adata.obs:
+            raise DataError(f"obs_filter column {column!r} not in obs; available: {', '.join(map(str, adata.obs.columns))}")
+        present = set(map(str, adata.obs[column].unique()))
+        if str(value) not in present:
+            raise DataError(f"obs_filter: no cell has {column} == {value!r}; values present: {', '.join(sorted(present))}")
+        keep &= adata.obs[column].astype(str).to_numpy() == str(value)
+    return adata[keep].copy()
+
+
+def _use_gene_symbols(adata: ad.AnnData, gene_symbol_key: str | None) -> None:
+    if gene_symbol_key is None:
+        return
+    if gene_symbol_key not in adata.var:
+        raise DataError(f"gene_symbol_key {gene_symbol_key!r} not in var; available: {', '.join(map(str, adata.var.columns))}")
+    adata.var_names = adata.var[gene_symbol_key].astype(str).to_numpy()
+
+
+def _check_gene_names(adata: ad.AnnData) -> None:
+    if adata.n_vars == 0 or adata.n_obs == 0:
+        raise DataError(f"the data has {adata.n_obs} cells and {adata.n_vars} genes; need at least one of each")
+    names = pd.Index(adata.var_names)
+    if names.has_duplicates:
+        duplicated = names[names.duplicated()].unique()[:5]
+        raise DataError(
+            f"{names.duplicated().sum()} duplicated gene names (e.g. {', '.join(map(str, duplicated))}); "
+            "make them unique first, e.g. adata.var_names_make_unique(), or pick another gene_symbol_key"
+        )
+
+
+def _parse_conditions(adata: ad.AnnData, condition_key: str, syntax: ConditionSyntax) -> tuple[np.ndarray, dict[str, str]]:
+    if condition_key not in adata.obs:
+        raise DataError(
+            f"obs has no column {condition_key!r}; available: {', '.join(map(str, adata.obs.columns))}. "
+            "Pass condition_key=... (CLI: --condition-key)"
+        )
+    raw = adata.obs[condition_key]
+    missing = raw.isna().to_numpy()
+    if missing.any():
+        raise DataError(f"{missing.sum()} cells have no value in obs[{condition_key!r}]; label them or drop them")
+    raw_values = raw.astype(str).to_numpy()
+    unique_raw, inverse = np.unique(raw_values, return_inverse=True)
+    canonical_of_unique = []
+    raw_spelling: dict[str, str] = {}
+    for text in unique_raw:
+        try:
+            name = syntax.canonical(text)
+        except ConditionError as error:
+            count = int((raw_values == text).sum())
+            raise ConditionError(f"obs[{condition_key!r}]: {error} ({count} cells)") from None
+        canonical_of_unique.append(name)
+    canonical = np.asarray(canonical_of_unique, dtype=object)[inverse]
+    first_seen = np.sort(np.unique(raw_values, return_index=True)[1])
+    for index in first_seen:
+        raw_spelling.setdefault(canonical[index], raw_values[index])
+    if CONTROL not in raw_spelling:
+        raise DataError(
+            f"no control cells: no value of obs[{condition_key!r}] is one of {list(syntax.control_labels)}. "
+            "Pass the label your data uses (control_labels=[...], CLI: --control-label)"
+        )
+    return canonical, raw_spelling
+
+
+def _warn_small_conditions(canonical: np.ndarray, min_cells: int) -> None:
+    names, counts = np.unique(canonical, return_counts=True)
+    small = [f"{name} ({count})" for name, count in zip(names, counts) if count < min_cells]
+    if small:
+        warnings.warn(
+            f"{len(small)} condition(s) have fewer than {min_cells} cells, so their metrics are noisy: "
+            + ", ".join(small[:10]) + (" ..." if len(small) > 10 else ""),
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _as_float32(matrix):
+    if sp.issparse(matrix):
+        return sp.csr_matrix(matrix, dtype=np.float32)
+    array = np.asarray(matrix)
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise DataError(f"expression matrix has dtype {array.dtype}; expected real numbers")
+    return array.astype(np.float32, copy=False)
+
+
+def _values(matrix) -> np.ndarray:
+    return matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
+
+
+def _min_value(matrix) -> float:
+    values = _values(matrix)
+    minimum = float(values.min()) if values.size else 0.0
+    return min(minimum, 0.0) if sp.issparse(matrix) else minimum
+
+
+def _check_finite(matrix) -> None:
+    values = _values(matrix)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise DataError(f"expression has {int(bad.sum())} NaN or infinite values; fix or drop those cells/genes first")
+
+
+def looks_like_counts(matrix, sample: int = 100_000) -> bool:
+    """True when values are non-negative integers with a maximum above log-scale values (> 20)."""
+    values = _values(matrix)
+    if values.size == 0:
+        return False
+    values = values[:sample] if values.size > sample else values
+    return bool(values.min() >= 0 and np.all(np.mod(values, 1) == 0) and _values(matrix).max() > 20)
+
+
+def _normalize_counts(adata: ad.AnnData) -> None:
+    import scanpy as sc
+
+    adata.layers[COUNTS_LAYER] = adata.X.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+
+
+def select_highly_variable_genes(data: PerturbationData, n_top_genes: int) -> PerturbationData:
+    """Keep `n_top_genes` highly variable genes plus every measured perturbed gene."""
+    import scanpy as sc
+
+    adata = data.adata
+    if n_top_genes <= 0:
+        raise DataError(f"n_top_genes must be positive, got {n_top_genes}")
+    if n_top_genes < adata.n_vars:
+        if data.is_counts:
+            hvg = sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat_v3", layer=COUNTS_LAYER, inplace=False)
+        else:
+            hvg = sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
+        keep = hvg["highly_variable"].to_numpy() | adata.var_names.isin(data.perturbed_genes)
+        adata = adata[:, keep].copy()
+    return PerturbationData(adata, data.syntax, data.condition_key, data.is_counts, data.raw_spelling, data.source)

@@ -1,0 +1,31 @@
+"""Errors users can act on.
+
+Every error raised for bad input is a `PerturbedVAEError` whose message names the problem and the fix,
+so the CLI can print it without a traceback and tests can assert on one type.
+"""
+
+from __future__ import annotations
+
+
+class PerturbedVAEError(Exception):
+    """Base class of every error that is the user's input, not a bug."""
+
+
+class DataError(PerturbedVAEError, ValueError):
+    """The AnnData file or matrix cannot be used as given."""
+
+
+class ConditionError(PerturbedVAEError, ValueError):
+    """A perturbation condition string is malformed or names an unknown gene."""
+
+
+class SplitError(PerturbedVAEError, ValueError):
+    """A split cannot be built, read or applied to this data."""
+
+
+class ConfigError(PerturbedVAEError, ValueError):
+    """A configuration value is missing, of the wrong type or inconsistent."""
+
+
+class CheckpointError(PerturbedVAEError, ValueError):
+    """A saved model, checkpoint or cache is missing, corrupt or does not match."""
