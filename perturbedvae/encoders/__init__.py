@@ -1,0 +1,1 @@
+"""Cell encoders: adapter kinds selected by the YAML cards in adapters/."""
