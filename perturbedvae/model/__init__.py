@@ -1,0 +1,25 @@
+"""The PerturbedVAE head: pure torch, fed by any encoder through (cell representation, perturbation set).
+
+`PerturbedVAEConfig` describes it, `PerturbedVAEModule` is the math (inference, perturbation effect,
+generative model, loss, counterfactual prediction), and `PerturbedVAE` is the shareable checkpoint
+directory with its gene vocabularies.
+"""
+
+from perturbedvae.model.config import PerturbedVAEConfig
+from perturbedvae.model.effects import PerturbationOutput
+from perturbedvae.model.likelihoods import GaussianOutput, GenerativeOutput, NegativeBinomialOutput
+from perturbedvae.model.module import InferenceOutput, LossOutput, LossWeights, PerturbedVAEModule
+from perturbedvae.model.pretrained import PerturbedVAE
+
+__all__ = [
+    "GaussianOutput",
+    "GenerativeOutput",
+    "InferenceOutput",
+    "LossOutput",
+    "LossWeights",
+    "NegativeBinomialOutput",
+    "PerturbationOutput",
+    "PerturbedVAE",
+    "PerturbedVAEConfig",
+    "PerturbedVAEModule",
+]

@@ -1,0 +1,164 @@
+"""Configuration of the PerturbedVAE head: every architectural choice in one JSON-serialisable dataclass.
+
+Like a HuggingFace `PretrainedConfig`, the config alone is enough to rebuild the module's shapes, so a
+checkpoint directory is `config.json` + weights. Values are validated on construction, so a bad value
+fails where it is written (a YAML file, a CLI flag) and not deep inside a training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from perturbedvae.errors import ConfigError
+from perturbedvae.model.likelihoods import LIKELIHOOD_HEADS
+from perturbedvae.model.masks import EVAL_MASK_MODES, MASK_FAMILIES
+
+ALIGNMENTS = ("mmd", "none")
+
+
+@dataclass
+class PerturbedVAEConfig:
+    """Shapes, priors and default loss weights of a PerturbedVAE head.
+
+    Attributes:
+        n_input: Width of the cell representation `h` (expression genes, or an encoder's hidden size).
+        n_genes: Number of genes the decoder reconstructs and predicts.
+        n_perturbations: Size of the perturbation vocabulary (columns of the multi-hot `perturbations`).
+        n_latent: K, the latent width shared by z_inv, the effect vectors and the masks.
+        n_hidden, n_layers, dropout: Size of every MLP (encoder, decoder, gene-feature network).
+        likelihood: "gaussian" (log-normalized targets, learned per-gene variance) or "nb" (raw counts,
+            library-size aware negative binomial with per-gene inverse dispersion).
+        mask_prior_prob: Prior keep-probability of each mask entry; the sparsity penalty pulls the learned
+            keep-probabilities towards it, so it sets how many latent dimensions a gene may touch.
+        mask_temperature: Temperature of the relaxed masks (lower = closer to binary samples).
+        causal_layer: Mix the perturbation shift through a learned sparse DAG (see `causal.py`).
+        gene_feature_dim: Width of per-gene perturbation features; when set, effects and mask logits are
+            a function of the features, so genes never perturbed in training get an effect.
+        alignment: "mmd" aligns z_inv of perturbed cells with controls; "none" switches it off.
+        mask_kind: "hard_concrete" (Louizos et al. 2018) or "gumbel" (straight-through relaxed Bernoulli).
+        eval_mask: Deterministic mask used outside training: "threshold" (1 where keep-probability > 0.5)
+            or "expected" (the keep-probability itself, i.e. the expected effect).
+        pairwise_interaction: Add a learned pairwise term for cells with two or more perturbed genes
+            (zero for singles and controls, zero at initialisation).
+        kl_weight, alignment_weight, sparsity_weight, dag_weight: Default loss weights; a trainer may
+            pass warmed-up values per step instead.
+    """
+
+    n_input: int
+    n_genes: int
+    n_perturbations: int
+    n_latent: int = 32
+    n_hidden: int = 256
+    n_layers: int = 2
+    dropout: float = 0.1
+    likelihood: str = "gaussian"
+    mask_prior_prob: float = 0.1
+    mask_temperature: float = 0.5
+    causal_layer: bool = True
+    gene_feature_dim: int | None = None
+    alignment: str = "mmd"
+    kl_weight: float = 1.0
+    alignment_weight: float = 1.0
+    sparsity_weight: float = 1.0
+    dag_weight: float = 1e-3
+    mask_kind: str = "hard_concrete"
+    eval_mask: str = "threshold"
+    pairwise_interaction: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("n_input", "n_genes", "n_perturbations", "n_latent", "n_hidden", "n_layers"):
+            _check_positive_int(name, getattr(self, name))
+        if self.gene_feature_dim is not None:
+            _check_positive_int("gene_feature_dim", self.gene_feature_dim)
+        for name in ("causal_layer", "pairwise_interaction"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _check_choice("likelihood", self.likelihood, tuple(LIKELIHOOD_HEADS))
+        _check_choice("alignment", self.alignment, ALIGNMENTS)
+        _check_choice("mask_kind", self.mask_kind, tuple(MASK_FAMILIES))
+        _check_choice("eval_mask", self.eval_mask, EVAL_MASK_MODES)
+        _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        _check_number("mask_prior_prob", self.mask_prior_prob, low=0.0, high=1.0, low_open=True, high_open=True)
+        _check_number("mask_temperature", self.mask_temperature, low=0.0, low_open=True)
+        for name in ("kl_weight", "alignment_weight", "sparsity_weight", "dag_weight"):
+            _check_number(name, getattr(self, name), low=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PerturbedVAEConfig:
+        """Build a config from a mapping; unknown or missing required keys are a ConfigError."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"a PerturbedVAE config must be a mapping, got {type(values).__name__}")
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            hints = [_with_close_matches(key, fields) for key in unknown]
+            raise ConfigError("unknown PerturbedVAE config key(s): " + "; ".join(hints))
+        missing = [
+            name
+            for name, field in fields.items()
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+            and name not in values
+        ]
+        if missing:
+            raise ConfigError(f"PerturbedVAE config is missing required key(s): {', '.join(missing)}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as indented JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> PerturbedVAEConfig:
+        """Read a config written by `save`; an unreadable or malformed file is a ConfigError."""
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError as error:
+            raise ConfigError(f"config file {path} does not exist; pass the config.json of a saved head") from error
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"config file {path} is not valid JSON ({error}); re-save the config") from error
+        return cls.from_dict(values)
+
+
+def _with_close_matches(key: str, known: dict[str, Any]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"{key!r} (did you mean {close[0]!r}?)" if close else f"{key!r}"
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_number(
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise a ConfigError unless `value` is a finite real number inside the stated interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        interval = f"{left}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{right}"
+        raise ConfigError(f"{name} must lie in {interval}, got {value!r}")

@@ -1,0 +1,20 @@
+"""The one MLP block every part of the head uses (encoder, decoder, gene-feature network)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def mlp(n_input: int, n_hidden: int, n_layers: int, dropout: float) -> nn.Sequential:
+    """`n_layers` blocks of Linear -> LayerNorm -> GELU -> Dropout, ending at width `n_hidden`.
+
+    LayerNorm rather than BatchNorm keeps every cell's output independent of its batch, which matters
+    for counterfactual prediction (a control cell's output must not depend on which cells share its
+    batch) and for DDP, where BatchNorm statistics would differ per process.
+    """
+    layers: list[nn.Module] = []
+    width = n_input
+    for _ in range(n_layers):
+        layers += [nn.Linear(width, n_hidden), nn.LayerNorm(n_hidden), nn.GELU(), nn.Dropout(dropout)]
+        width = n_hidden
+    return nn.Sequential(*layers)

@@ -1,0 +1,116 @@
+"""Observation models of the decoder: Gaussian on log-normalized data, negative binomial on counts.
+
+Each likelihood is a small head turning the decoder's last hidden layer into distribution parameters,
+and an output object that scores targets (`log_prob`) and reports the mean expression on the
+log-normalized scale (`log_normalized`), so predictions are comparable whatever the likelihood.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+NORMALIZATION_TARGET = 1e4
+"""Counts per cell of the log-normalization log1p(1e4 · x / library size) used across the project."""
+
+_LOG_VARIANCE_RANGE = (-8.0, 8.0)
+_EPS = 1e-8
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+    """Elementwise log N(x; mean, exp(log_variance))."""
+    return -0.5 * (math.log(2 * math.pi) + log_variance + (x - mean) ** 2 * torch.exp(-log_variance))
+
+
+def negative_binomial_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, inverse_dispersion: torch.Tensor
+) -> torch.Tensor:
+    """Elementwise log NB(x; mean μ, inverse dispersion θ), i.e. variance μ + μ²/θ.
+
+    log p = lgamma(x+θ) − lgamma(θ) − lgamma(x+1) + θ·log(θ/(θ+μ)) + x·log(μ/(θ+μ)).
+    """
+    log_theta_mu = torch.log(inverse_dispersion + mean + _EPS)
+    return (
+        torch.lgamma(x + inverse_dispersion)
+        - torch.lgamma(inverse_dispersion)
+        - torch.lgamma(x + 1.0)
+        + inverse_dispersion * (torch.log(inverse_dispersion + _EPS) - log_theta_mu)
+        + x * (torch.log(mean + _EPS) - log_theta_mu)
+    )
+
+
+@dataclass
+class GaussianOutput:
+    """Per-cell Gaussian over log-normalized expression with a learned per-gene variance."""
+
+    mean: torch.Tensor
+    log_variance: torch.Tensor
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return gaussian_log_prob(x, self.mean, self.log_variance)
+
+    def log_normalized(self) -> torch.Tensor:
+        return self.mean
+
+
+@dataclass
+class NegativeBinomialOutput:
+    """Per-cell negative binomial over counts: mean = library size × normalized rate (rows sum to 1)."""
+
+    normalized_rate: torch.Tensor
+    library_size: torch.Tensor
+    inverse_dispersion: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.normalized_rate * self.library_size.unsqueeze(-1)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return negative_binomial_log_prob(x, self.mean, self.inverse_dispersion)
+
+    def log_normalized(self) -> torch.Tensor:
+        """log1p(1e4 · rate): the expected expression of the cell on the log-normalized scale."""
+        return torch.log1p(NORMALIZATION_TARGET * self.normalized_rate)
+
+
+GenerativeOutput = GaussianOutput | NegativeBinomialOutput
+
+
+class GaussianHead(nn.Module):
+    """Decoder hidden -> Gaussian mean per gene; one learned log-variance per gene."""
+
+    def __init__(self, n_hidden: int, n_genes: int) -> None:
+        super().__init__()
+        self.mean = nn.Linear(n_hidden, n_genes)
+        self.log_variance = nn.Parameter(torch.zeros(n_genes))
+
+    def forward(self, hidden: torch.Tensor, library_size: torch.Tensor | None = None) -> GaussianOutput:
+        """`library_size` is ignored: log-normalized data carry no library size."""
+        log_variance = self.log_variance.clamp(*_LOG_VARIANCE_RANGE).expand(hidden.shape[0], -1)
+        return GaussianOutput(mean=self.mean(hidden), log_variance=log_variance)
+
+
+class NegativeBinomialHead(nn.Module):
+    """Decoder hidden -> softmax rates per gene; one learned log inverse dispersion per gene."""
+
+    def __init__(self, n_hidden: int, n_genes: int) -> None:
+        super().__init__()
+        self.rate_logits = nn.Linear(n_hidden, n_genes)
+        self.log_inverse_dispersion = nn.Parameter(torch.zeros(n_genes))
+
+    def forward(self, hidden: torch.Tensor, library_size: torch.Tensor | None = None) -> NegativeBinomialOutput:
+        """Without `library_size` the cell is taken to have 1e4 counts, the normalization target."""
+        if library_size is None:
+            library_size = hidden.new_full((hidden.shape[0],), NORMALIZATION_TARGET)
+        return NegativeBinomialOutput(
+            normalized_rate=torch.softmax(self.rate_logits(hidden), dim=-1),
+            library_size=library_size.to(hidden.dtype),
+            inverse_dispersion=torch.exp(self.log_inverse_dispersion).expand(hidden.shape[0], -1),
+        )
+
+
+LIKELIHOOD_HEADS: dict[str, type[nn.Module]] = {"gaussian": GaussianHead, "nb": NegativeBinomialHead}
+"""Decoder head per `PerturbedVAEConfig.likelihood`."""

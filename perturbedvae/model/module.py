@@ -1,0 +1,204 @@
+"""The PerturbedVAE head as pure math: inference, perturbation effect, generative model and loss.
+
+    z_inv ~ q(z_inv | h) = N(μ(h), σ²(h))              invariant cell state, KL to N(0, I)
+    z_p   = causal(Σ_g p_g m_g ⊙ e_g + pairwise)       perturbation latent (see effects.py, causal.py)
+    x     ~ p(x | z_inv + z_p)                         Gaussian or negative binomial decoder
+
+The loss is the per-cell negative log-likelihood summed over genes plus weighted penalties: the KL of
+z_inv, the MMD alignment of perturbed and control z_inv (alignment.py), the masks' KL to their sparse
+prior and the L1 norm of the causal DAG. Prediction is counterfactual: control cells keep their z_inv
+(posterior mean) and receive a condition's z_p, computed with deterministic masks.
+
+Training mode samples z_inv and relaxed masks; evaluation mode (`module.eval()`) uses the posterior
+mean and deterministic masks, so a validation loss and every prediction are deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from perturbedvae.errors import DataError
+from perturbedvae.model.alignment import alignment_penalty
+from perturbedvae.model.config import PerturbedVAEConfig
+from perturbedvae.model.effects import PerturbationEffects, PerturbationOutput
+from perturbedvae.model.layers import mlp
+from perturbedvae.model.likelihoods import LIKELIHOOD_HEADS, GenerativeOutput
+
+_LOG_VARIANCE_RANGE = (-10.0, 10.0)
+
+
+@dataclass
+class LossWeights:
+    """Multipliers of the penalty terms; the trainer passes warmed-up values per step."""
+
+    kl: float = 1.0
+    alignment: float = 1.0
+    sparsity: float = 1.0
+    dag: float = 1e-3
+
+    @classmethod
+    def from_config(cls, config: PerturbedVAEConfig) -> LossWeights:
+        return cls(
+            kl=config.kl_weight,
+            alignment=config.alignment_weight,
+            sparsity=config.sparsity_weight,
+            dag=config.dag_weight,
+        )
+
+
+@dataclass
+class LossOutput:
+    """The scalar to backpropagate and its unweighted, detached parts (for logging)."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class InferenceOutput:
+    """q(z_inv | h): a sample (the mean outside training) and the posterior parameters, each [B, K]."""
+
+    z: torch.Tensor
+    qz_mean: torch.Tensor
+    qz_logvar: torch.Tensor
+
+
+class PerturbedVAEModule(nn.Module):
+    """Encoder of h, perturbation effects, and decoder of z_inv + z_p to expression."""
+
+    def __init__(self, config: PerturbedVAEConfig, gene_features: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = mlp(config.n_input, config.n_hidden, config.n_layers, config.dropout)
+        self.qz_mean = nn.Linear(config.n_hidden, config.n_latent)
+        self.qz_logvar = nn.Linear(config.n_hidden, config.n_latent)
+        self.effects = PerturbationEffects(config, gene_features)
+        self.decoder = mlp(config.n_latent, config.n_hidden, config.n_layers, config.dropout)
+        self.likelihood_head = LIKELIHOOD_HEADS[config.likelihood](config.n_hidden, config.n_genes)
+
+    def inference(self, h: torch.Tensor) -> InferenceOutput:
+        hidden = self.encoder(h)
+        mean = self.qz_mean(hidden)
+        logvar = self.qz_logvar(hidden).clamp(*_LOG_VARIANCE_RANGE)
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if self.training else mean
+        return InferenceOutput(z=z, qz_mean=mean, qz_logvar=logvar)
+
+    def perturbation_effect(self, perturbations: torch.Tensor, deterministic: bool | None = None) -> PerturbationOutput:
+        """z_p of multi-hot rows [B, P]; masks are sampled in training unless `deterministic` says otherwise."""
+        _check_width("perturbations", perturbations, self.config.n_perturbations, "n_perturbations")
+        return self.effects(perturbations, deterministic=not self.training if deterministic is None else deterministic)
+
+    def generative(self, z: torch.Tensor, library_size: torch.Tensor | None = None) -> GenerativeOutput:
+        """Likelihood parameters of expression given the full latent z = z_inv + z_p."""
+        return self.likelihood_head(self.decoder(z), library_size)
+
+    def loss(self, batch: dict[str, torch.Tensor], weights: LossWeights | None = None) -> LossOutput:
+        """Weighted negative ELBO-style objective of a batch (keys: h, x, perturbations, library_size)."""
+        weights = weights or LossWeights.from_config(self.config)
+        h, x, perturbations = _required(batch, "h"), _required(batch, "x"), _required(batch, "perturbations")
+        _check_width("h", h, self.config.n_input, "n_input")
+        _check_width("x", x, self.config.n_genes, "n_genes")
+        if not h.shape[0] == x.shape[0] == perturbations.shape[0]:
+            raise DataError(
+                f"batch tensors disagree on the number of cells: h {h.shape[0]}, x {x.shape[0]}, "
+                f"perturbations {perturbations.shape[0]}"
+            )
+        library_size = batch.get("library_size")
+        if self.config.likelihood == "nb" and library_size is None:
+            library_size = x.sum(dim=1)
+
+        inference = self.inference(h)
+        effect = self.perturbation_effect(perturbations)
+        generative = self.generative(inference.z + effect.z_p, library_size)
+
+        reconstruction = -generative.log_prob(x).sum(dim=-1).mean()
+        kl = _standard_normal_kl(inference.qz_mean, inference.qz_logvar).sum(dim=-1).mean()
+        if self.config.alignment == "mmd":
+            alignment = alignment_penalty(inference.qz_mean, is_control=perturbations.ne(0).sum(dim=1) == 0)
+        else:
+            alignment = kl.new_zeros(())
+        sparsity = effect.sparsity.mean()
+        dag = self.effects.dag_penalty()
+        total = (
+            reconstruction
+            + weights.kl * kl
+            + weights.alignment * alignment
+            + weights.sparsity * sparsity
+            + weights.dag * dag
+        )
+        parts = {
+            "reconstruction": reconstruction,
+            "kl": kl,
+            "alignment": alignment,
+            "sparsity": sparsity,
+            "dag": dag,
+        }
+        return LossOutput(loss=total, parts={name: value.detach() for name, value in parts.items()})
+
+    def forward(self, batch: dict[str, torch.Tensor], weights: LossWeights | None = None) -> LossOutput:
+        """Same as `loss`, so DistributedDataParallel (which wraps `forward`) sees the whole step."""
+        return self.loss(batch, weights)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        h_control: torch.Tensor,
+        perturbations: torch.Tensor,
+        library_size: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Counterfactual expression [B, n_genes] on the log-normalized scale, for either likelihood.
+
+        Each control cell keeps its posterior-mean z_inv and receives the z_p of its row of
+        `perturbations` ([B, P], or one row [1, P] / [P] applied to every cell), with deterministic
+        masks and no dropout. `library_size` only sets the count scale of the NB mean; the
+        log-normalized output log1p(1e4 · rate) does not depend on it.
+        """
+        _check_width("h_control", h_control, self.config.n_input, "n_input")
+        perturbations = perturbations.reshape(-1, perturbations.shape[-1])
+        if perturbations.shape[0] == 1:
+            perturbations = perturbations.expand(h_control.shape[0], -1)
+        if perturbations.shape[0] != h_control.shape[0]:
+            raise DataError(
+                f"predict got {h_control.shape[0]} control cells but {perturbations.shape[0]} perturbation rows; "
+                "pass one row per cell or a single row for all cells"
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            z = self.inference(h_control).qz_mean + self.perturbation_effect(perturbations).z_p
+            return self.generative(z, library_size).log_normalized()
+        finally:
+            self.train(was_training)
+
+    def mask_probabilities(self) -> torch.Tensor:
+        """[P, K] learned keep-probabilities of the masks (heatmaps, identifiability checks)."""
+        return self.effects.keep_probabilities()
+
+    def effect_vectors(self) -> torch.Tensor:
+        """[P, K] each gene's masked effect with the evaluation mask (before interaction and causal mixing)."""
+        return self.effects.effect_vectors()
+
+    def dag_matrix(self) -> torch.Tensor | None:
+        """[K, K] strictly upper-triangular causal adjacency (A[i, j]: edge i -> j), or None without the layer."""
+        return None if self.effects.causal is None else self.effects.causal.adjacency()
+
+
+def _standard_normal_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(N(mean, exp(logvar)) || N(0, 1))."""
+    return 0.5 * (mean**2 + torch.exp(logvar) - 1.0 - logvar)
+
+
+def _required(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in batch:
+        raise DataError(f"batch is missing {key!r}; a PerturbedVAE batch needs 'h', 'x' and 'perturbations'")
+    return batch[key]
+
+
+def _check_width(name: str, tensor: torch.Tensor, expected: int, config_field: str) -> None:
+    if tensor.dim() != 2 or tensor.shape[1] != expected:
+        raise DataError(
+            f"{name} has shape {tuple(tensor.shape)}, expected [cells, {expected}] ({config_field} of the config)"
+        )
