@@ -1,0 +1,98 @@
+"""Our `gears` split equals GEARS' own `DataSplitter(split_type='simulation').split_data`, condition for condition.
+
+GEARS is only a test dependency: it runs here as the reference on the same condition strings.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from perturbedvae.data.conditions import ConditionSyntax
+from perturbedvae.data.splits import Split, gears_simulation_split, make_split
+
+gears_data_utils = pytest.importorskip("gears.data_utils")
+
+SEEDS = [1, 2, 3, 4, 5]
+ROLES = ("train", "val", "test")
+
+
+def gears_reference(gears_conditions: list[str], seed: int) -> tuple[dict[str, set[str]], dict, dict]:
+    """Run GEARS on one cell per condition; returns its roles, test subgroups and val subgroups (GEARS spellings)."""
+    obs = pd.DataFrame({"condition": ["ctrl", *gears_conditions]})
+    obs.index = obs.index.astype(str)
+    adata = ad.AnnData(np.zeros((len(obs), 1), dtype=np.float32), obs=obs)
+    splitter = gears_data_utils.DataSplitter(adata, split_type="simulation")
+    adata, subgroups = splitter.split_data(seed=seed, train_gene_set_size=0.75, combo_seen2_train_frac=0.75)
+    roles = {role: set(adata.obs["condition"][adata.obs["split"] == role]) for role in ROLES}
+    return roles, subgroups["test_subgroup"], subgroups["val_subgroup"]
+
+
+def assert_same_split(ours: Split, gears_conditions: list[str], seed: int) -> None:
+    canonical = ConditionSyntax().canonical
+    roles, test_subgroups, val_subgroups = gears_reference(gears_conditions, seed)
+    for role in ROLES:
+        assert set(getattr(ours, role)) == {canonical(name) for name in roles[role]}, role
+    for ours_groups, reference in ((ours.test_subgroups, test_subgroups), (ours.val_subgroups, val_subgroups)):
+        assert set(ours_groups) == set(reference)
+        for label, names in reference.items():
+            assert set(ours_groups[label]) == {canonical(name) for name in names}, label
+
+
+def gears_spelling_of_perturbench(raw: str) -> str:
+    """GEARS' spelling of a PerturBench-style condition: singles get `+ctrl`, combinations stay as written."""
+    return raw if "+" in raw else f"{raw}+ctrl"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_norman_subset_matches_gears(norman_data, seed):
+    ours = make_split(norman_data, "gears", seed=seed)
+    perturbed = [name for name in norman_data.condition_names if name != "control"]
+    gears_conditions = [gears_spelling_of_perturbench(norman_data.raw_spelling[name]) for name in perturbed]
+    assert any(norman_data.raw_spelling[name] != name for name in perturbed), "the subset should hold B+A spellings"
+    assert_same_split(ours, gears_conditions, seed)
+    assert ours.data_fingerprint == norman_data.fingerprint
+
+
+def synthetic_gears_conditions(seed: int, n_genes: int = 40, n_singles: int = 30, n_doubles: int = 60) -> list[str]:
+    """Singles spelled `A+ctrl` or `ctrl+A`, doubles in random gene order; ten genes appear only in doubles."""
+    rng = np.random.default_rng(seed)
+    genes = [f"G{index:02d}" for index in range(n_genes)]
+    singles = [f"{gene}+ctrl" if rng.random() < 0.5 else f"ctrl+{gene}" for gene in rng.choice(genes, n_singles, replace=False)]
+    pairs: set[frozenset[str]] = set()
+    while len(pairs) < n_doubles:
+        pairs.add(frozenset(rng.choice(genes, 2, replace=False).tolist()))
+    doubles = ["+".join(rng.permutation(sorted(pair)).tolist()) for pair in pairs]
+    conditions = singles + doubles
+    return [conditions[index] for index in rng.permutation(len(conditions))]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_synthetic_gears_spellings_match_gears(seed):
+    conditions = synthetic_gears_conditions(seed=100 + seed)
+    ours = gears_simulation_split(["ctrl", *conditions], seed=seed)
+    assert sum(len(names) for names in ours.test_subgroups.values()) == len(ours.test)
+    assert_same_split(ours, conditions, seed)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_synthetic_perturbench_spellings_are_converted_like_gears(seed):
+    gears_conditions = synthetic_gears_conditions(seed=200 + seed)
+    perturbench = ["control"] + [name.replace("+ctrl", "").replace("ctrl+", "") for name in gears_conditions]
+    ours = gears_simulation_split(perturbench, seed=seed)
+    assert_same_split(ours, [gears_spelling_of_perturbench(name) for name in perturbench[1:]], seed)
+
+
+def test_combination_spelling_changes_the_draw_as_in_gears():
+    """GEARS sorts combination strings before drawing, so `B+A` and `A+B` can give different splits."""
+    conditions = synthetic_gears_conditions(seed=7)
+    reversed_combos = [name if "ctrl" in name else "+".join(reversed(name.split("+"))) for name in conditions]
+    differs = False
+    for seed in SEEDS:
+        original = gears_simulation_split(conditions, seed=seed)
+        flipped = gears_simulation_split(reversed_combos, seed=seed)
+        assert_same_split(flipped, reversed_combos, seed)
+        differs |= original.test_subgroups["combo_seen2"] != flipped.test_subgroups["combo_seen2"]
+    assert differs
