@@ -1,0 +1,1 @@
+"""Training with HuggingFace Accelerate: experiment config, batches, the loop, and run directories."""

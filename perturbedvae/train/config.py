@@ -1,0 +1,318 @@
+"""The experiment configuration: one YAML file says everything a training run needs.
+
+A run is reproducible from its `config.yaml` alone, so every choice lives here, checked once on load:
+an unknown key or a value of the wrong type is a `ConfigError` naming the dotted key (`train.lr`) before
+any data is read. Command-line overrides use the same dotted keys (`model.n_latent=16 train.epochs=3`),
+their values parsed as YAML scalars/lists (`true`, `null`, `[a, b]`).
+
+Relative paths: inside a YAML file they are relative to *that file's directory* (a config keeps
+working wherever it is launched from); in command-line overrides they are relative to the *current
+working directory*. `output.run_dir` is the exception: a relative run directory always lands under the
+current working directory, where the user launched the run. The saved `config.yaml` holds absolute paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from perturbedvae.errors import ConfigError
+from perturbedvae.model.config import PerturbedVAEConfig
+
+DERIVED_MODEL_FIELDS = ("n_input", "n_genes", "n_perturbations")
+"""PerturbedVAEConfig fields the trainer takes from the data, never from the YAML."""
+
+INPUT_PATH_KEYS = ("data.path", "split.path", "representation.adapter", "representation.checkpoint")
+OUTPUT_PATH_KEYS = ("output.run_dir",)
+
+
+@dataclass
+class DataConfig:
+    """Which cells and genes to read (arguments of `perturbedvae.data.loading.load_dataset`).
+
+    Exactly one of `path` (an .h5ad file) and `synthetic` (fields of `SimulationConfig`, simulated in
+    memory at the start of the run) is set. `de_method`/`n_de_genes` pick the DE genes of the metrics.
+    """
+
+    path: str | None = None
+    synthetic: dict[str, Any] | None = None
+    condition_key: str = "condition"
+    control_labels: list[str] | None = None
+    delimiter: str = "+"
+    obs_filter: dict[str, Any] | None = None
+    n_top_genes: int | None = None
+    gene_symbol_key: str | None = None
+    de_method: str = "t-test"
+    n_de_genes: int = 20
+
+
+@dataclass
+class SplitConfig:
+    """How conditions are split: a scheme of `make_split` with its params, or a saved split.json (`path`)."""
+
+    scheme: str = "doubles"
+    seed: int = 1
+    params: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+
+@dataclass
+class RepresentationConfig:
+    """What the head reads as a cell's representation `h`.
+
+    kind "expression": log-normalized X, projected on `n_components` principal components of the
+    training cells when set; "obsm": `adata.obsm[obsm_key]`; "encoder": a cell encoder built from the
+    adapter card `adapter` and weights `checkpoint`, either frozen (embedded once) or LoRA-tuned.
+    """
+
+    kind: Literal["expression", "obsm", "encoder"] = "expression"
+    n_components: int | None = None
+    obsm_key: str | None = None
+    adapter: str | None = None
+    checkpoint: str | None = None
+    finetune: Literal["frozen", "lora"] = "frozen"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    embed_batch_size: int = 64
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. Warm-ups are linear over epochs; `checkpoint_every: 0` saves no checkpoints.
+
+    `n_control_cells` control cells (a fixed seeded subset) are the starting points of every
+    counterfactual prediction, in validation and in `predict_conditions`.
+    """
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    kl_warmup_epochs: int = 5
+    sparsity_warmup_epochs: int = 5
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    early_stopping_patience: int | None = None
+    eval_every: int = 1
+    checkpoint_every: int = 0
+    max_grad_norm: float | None = 10.0
+    n_control_cells: int = 1000
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = "runs/run"
+    overwrite: bool = False
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment. `model` holds PerturbedVAEConfig fields except the data-derived shapes."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    representation: RepresentationConfig = field(default_factory=RepresentationConfig)
+    model: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        self.model = _complete_model_section(self.model)
+        _check_consistency(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ExperimentConfig:
+        """Build from a nested mapping; unknown keys and wrong types are ConfigErrors naming the key."""
+        return _build(cls, values, prefix="")
+
+    def model_config(self, n_input: int, n_genes: int, n_perturbations: int) -> PerturbedVAEConfig:
+        return PerturbedVAEConfig(n_input=n_input, n_genes=n_genes, n_perturbations=n_perturbations, **self.model)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment config and apply `key=value` overrides (see the module docstring for paths)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass the path of a YAML config, e.g. configs/synthetic_tiny.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, split, model, train, ...)")
+    _resolve_paths(raw, INPUT_PATH_KEYS, base=path.resolve().parent)
+    _resolve_paths(raw, OUTPUT_PATH_KEYS, base=Path.cwd())
+    for key, value in parse_overrides(overrides).items():
+        _set_dotted(raw, key, value)
+        if key in INPUT_PATH_KEYS + OUTPUT_PATH_KEYS:
+            _resolve_paths(raw, (key,), base=Path.cwd())
+    return ExperimentConfig.from_dict(raw)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """`["model.n_latent=16", "data.control_labels=[ctrl]"]` -> `{"model.n_latent": 16, ...}`."""
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=3")
+        try:
+            parsed[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({error})") from error
+    return parsed
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _resolve_paths(raw: dict[str, Any], keys: Sequence[str], base: Path) -> None:
+    for key in keys:
+        section_name, name = key.split(".")
+        section = raw.get(section_name)
+        if isinstance(section, dict) and isinstance(section.get(name), str):
+            section[name] = str((base / Path(section[name]).expanduser()).resolve())
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a mapping, checking keys and value types recursively."""
+    where = prefix.rstrip(".") or "the config"
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [item.name for item in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    kwargs = {}
+    for key, value in values.items():
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value, prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(f"{prefix}{key}", value, kind)
+    return cls(**kwargs)
+
+
+def _check_type(key: str, value: Any, kind: Any) -> Any:
+    """Return `value` (ints widened to float where a float is expected) or raise a ConfigError."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [arg for arg in args if arg is not type(None)]
+        return _check_type(key, value, inner[0]) if len(inner) == 1 else value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}; got {value!r}")
+        return value
+    if kind is Any:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or kind
+    ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{key} must be of type {_type_name(kind)}, got {value!r} ({type(value).__name__})")
+    if origin is list and args:
+        return [_check_type(f"{key}[{index}]", item, args[0]) for index, item in enumerate(value)]
+    return value
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+
+
+def _complete_model_section(model: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill model defaults from PerturbedVAEConfig and validate the values with it (shapes are dummies)."""
+    if not isinstance(model, Mapping):
+        raise ConfigError(f"model must be a mapping of PerturbedVAEConfig fields, got {model!r}")
+    fields = {item.name: item for item in dataclasses.fields(PerturbedVAEConfig) if item.name not in DERIVED_MODEL_FIELDS}
+    for key in model:
+        if key in DERIVED_MODEL_FIELDS:
+            raise ConfigError(f"model.{key} is derived from the data; remove it from the config")
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean model.{close[0]}?)" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key model.{key}{hint}")
+    completed = {name: model.get(name, item.default) for name, item in fields.items()}
+    try:
+        PerturbedVAEConfig(n_input=1, n_genes=1, n_perturbations=1, **completed)
+    except ConfigError as error:
+        raise ConfigError(f"model.{error}") from None
+    return completed
+
+
+def _check_consistency(config: ExperimentConfig) -> None:
+    data, representation, train = config.data, config.representation, config.train
+    if (data.path is None) == (data.synthetic is None):
+        raise ConfigError("set exactly one of data.path (an .h5ad file) and data.synthetic (simulation settings)")
+    if representation.kind == "obsm" and not representation.obsm_key:
+        raise ConfigError("representation.kind obsm needs representation.obsm_key, the obsm entry to read")
+    if representation.kind == "encoder" and not representation.adapter:
+        raise ConfigError("representation.kind encoder needs representation.adapter, the path of an adapter card")
+    positive = {
+        "train.epochs": train.epochs,
+        "train.batch_size": train.batch_size,
+        "train.gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "train.eval_every": train.eval_every,
+        "train.n_control_cells": train.n_control_cells,
+        "data.n_de_genes": data.n_de_genes,
+        "representation.embed_batch_size": representation.embed_batch_size,
+    }
+    optional_positive = {
+        "representation.n_components": representation.n_components,
+        "train.early_stopping_patience": train.early_stopping_patience,
+        "data.n_top_genes": data.n_top_genes,
+        "representation.lora_r": representation.lora_r,
+    }
+    for key, value in {**positive, **optional_positive}.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    non_negative = {
+        "train.weight_decay": train.weight_decay,
+        "train.kl_warmup_epochs": train.kl_warmup_epochs,
+        "train.sparsity_warmup_epochs": train.sparsity_warmup_epochs,
+        "train.checkpoint_every": train.checkpoint_every,
+        "train.seed": train.seed,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if train.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {train.lr}")
+    if train.max_grad_norm is not None and train.max_grad_norm <= 0:
+        raise ConfigError(f"train.max_grad_norm must be > 0 or null (no clipping), got {train.max_grad_norm}")
+    if not 0 <= representation.lora_dropout < 1:
+        raise ConfigError(f"representation.lora_dropout must lie in [0, 1), got {representation.lora_dropout}")

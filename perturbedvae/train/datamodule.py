@@ -1,0 +1,189 @@
+"""From a dataset and a split to the batches the head trains on.
+
+Training cells are the cells of the split's training conditions (control included). Each batch carries
+`h` (the representation), `x` (the target: log-normalized expression for a gaussian head, raw counts for
+a negative-binomial one), `perturbations` (multi-hot over the perturbation vocabulary: the genes
+perturbed in training conditions, sorted) and, when counts exist, `library_size`. Sparse matrices stay
+sparse until a batch is collated, so memory scales with the data's non-zeros, not cells x genes.
+
+The shuffling order is a pure function of (seed, epoch), which is what lets a resumed run replay
+exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from perturbedvae.data.conditions import CONTROL, genes_of
+from perturbedvae.data.loading import COUNTS_LAYER, PerturbationData
+from perturbedvae.data.splits import Split
+from perturbedvae.errors import ConfigError, SplitError
+from perturbedvae.train.representation import Representation
+
+INDEX_KEY = "index"
+"""Batch key of the cells' row numbers: names the cells of a failing batch; not a model input."""
+
+
+def perturbation_vocabulary(split: Split) -> list[str]:
+    """Genes perturbed in the split's training conditions, sorted: the columns of the multi-hot input."""
+    return sorted({gene for name in split.train for gene in genes_of(name)})
+
+
+def multi_hot(conditions: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
+    """[len(conditions), len(vocabulary)] float32 indicator of each condition's genes (all must be known)."""
+    column = {gene: index for index, gene in enumerate(vocabulary)}
+    matrix = np.zeros((len(conditions), len(vocabulary)), dtype=np.float32)
+    for row, name in enumerate(conditions):
+        for gene in genes_of(name):
+            matrix[row, column[gene]] = 1.0
+    return matrix
+
+
+def is_predictable(condition: str, vocabulary: Sequence[str]) -> bool:
+    """Whether every gene of a condition has a column in the vocabulary (the head has no effect otherwise)."""
+    known = set(vocabulary)
+    return all(gene in known for gene in genes_of(condition))
+
+
+@dataclass
+class PerturbationDataModule:
+    """Everything the trainer and predictions need from the data, built once.
+
+    Attributes:
+        data: The loaded dataset.
+        split: Its split (checked to match the data).
+        representation: `h` for every cell.
+        target: `x` for every cell (sparse or dense).
+        library_size: Total counts per cell, when the data held counts.
+        perturbation_genes: The perturbation vocabulary.
+        train_cells: Row numbers of the training cells.
+        condition_codes: Per cell, the row of `condition_multi_hot` of its condition.
+        condition_multi_hot: Multi-hot of every condition of the data; a condition with a gene outside the
+            vocabulary gets the control row, which never matters since only training cells are batched.
+    """
+
+    data: PerturbationData
+    split: Split
+    representation: Representation
+    target: np.ndarray | sp.csr_matrix
+    library_size: np.ndarray | None
+    perturbation_genes: list[str]
+    train_cells: np.ndarray
+
+    @classmethod
+    def build(cls, data: PerturbationData, split: Split, representation: Representation, likelihood: str) -> PerturbationDataModule:
+        """Check the split against the data and assemble targets and the vocabulary.
+
+        Raises:
+            SplitError: when the split does not match the data or trains on no perturbed cell.
+            ConfigError: for a negative-binomial head on data without raw counts.
+        """
+        split.check_matches(data)
+        vocabulary = perturbation_vocabulary(split)
+        if not vocabulary:
+            raise SplitError("the split's training conditions perturb no gene; the head needs perturbed training cells")
+        train_cells = np.flatnonzero(np.isin(data.conditions, split.train))
+        if not np.any(data.conditions[train_cells] == CONTROL):
+            raise SplitError("no control cells among the training cells; counterfactual predictions start from controls")
+        has_counts = COUNTS_LAYER in data.adata.layers
+        if likelihood == "nb" and not has_counts:
+            raise ConfigError(
+                "model.likelihood nb needs raw counts, but the data is log-normalized; "
+                "use model.likelihood=gaussian or load the raw-count file"
+            )
+        target = data.adata.layers[COUNTS_LAYER] if likelihood == "nb" else data.adata.X
+        target = sp.csr_matrix(target, dtype=np.float32) if sp.issparse(target) else np.asarray(target, dtype=np.float32)
+        library_size = None
+        if has_counts:
+            library_size = np.asarray(data.adata.layers[COUNTS_LAYER].sum(axis=1), dtype=np.float32).ravel()
+        return cls(data, split, representation, target, library_size, vocabulary, train_cells)
+
+    def __post_init__(self) -> None:
+        names = self.data.condition_names
+        code_of = {name: index for index, name in enumerate(names)}
+        self.condition_codes = np.array([code_of[name] for name in self.data.conditions], dtype=np.int64)
+        predictable = [name if is_predictable(name, self.perturbation_genes) else CONTROL for name in names]
+        self.condition_multi_hot = multi_hot(predictable, self.perturbation_genes)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.condition_codes)
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Gather the rows of a batch, densifying sparse rows only now."""
+        rows = np.asarray(indices, dtype=np.int64)
+        batch = {
+            "h": torch.from_numpy(_dense_rows(self.representation.matrix, rows)),
+            "x": torch.from_numpy(_dense_rows(self.target, rows)),
+            "perturbations": torch.from_numpy(self.condition_multi_hot[self.condition_codes[rows]]),
+            INDEX_KEY: torch.from_numpy(rows),
+        }
+        if self.library_size is not None:
+            batch["library_size"] = torch.from_numpy(self.library_size[rows])
+        return batch
+
+    def train_loader(self, batch_size: int, seed: int) -> DataLoader:
+        """Loader over training cells, reshuffled per epoch by `loader.set_epoch(epoch)`."""
+        return DataLoader(
+            _RowNumbers(self.train_cells),
+            batch_size=batch_size,
+            sampler=EpochShuffleSampler(len(self.train_cells), seed),
+            collate_fn=self.collate,
+        )
+
+    def control_cells(self, n_cells: int, seed: int) -> np.ndarray:
+        """A fixed seeded subset (sorted) of at most `n_cells` training control cells."""
+        controls = self.train_cells[self.data.conditions[self.train_cells] == CONTROL]
+        if len(controls) > n_cells:
+            controls = np.sort(np.random.default_rng(seed).choice(controls, n_cells, replace=False))
+        return controls
+
+    def control_inputs(self, cells: np.ndarray) -> dict[str, torch.Tensor]:
+        """`h` (and `library_size`) of control cells, the starting points of counterfactual predictions."""
+        inputs = {"h": torch.from_numpy(_dense_rows(self.representation.matrix, cells))}
+        if self.library_size is not None:
+            inputs["library_size"] = torch.from_numpy(self.library_size[cells])
+        return inputs
+
+
+class _RowNumbers(Dataset):
+    """Item i is the row number of the i-th training cell; `collate` fetches the data of a whole batch."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item: int) -> int:
+        return int(self.rows[item])
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends only on (seed, epoch): identical on every process and after a resume."""
+
+    def __init__(self, n_items: int, seed: int) -> None:
+        self.n_items = n_items
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_items
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n_items).tolist())
+
+
+def _dense_rows(matrix: np.ndarray | sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
+    selected = matrix[rows]
+    selected = selected.toarray() if sp.issparse(selected) else selected
+    return np.ascontiguousarray(selected, dtype=np.float32)

@@ -1,0 +1,300 @@
+"""The training loop, one for a laptop and a GPU cluster alike, driven by HuggingFace Accelerate.
+
+Accelerate places tensors, wraps the head for DDP/FSDP, runs mixed precision and gradient accumulation,
+and saves/restores complete checkpoints (weights, optimizer, every process's RNG, and our progress
+record). The loop adds what is specific to this head: KL and sparsity warm-ups, validation on held-out
+conditions (counterfactual predictions scored by `pearson_delta_de`) for model selection and early
+stopping, and a readable log. Resuming from a checkpoint replays exactly what an uninterrupted run does:
+data order depends only on (seed, epoch) and RNG states come back with the checkpoint.
+
+Only the main process writes files (Accelerate's per-process RNG files inside checkpoints aside).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import broadcast_object_list, set_seed
+from tqdm.auto import tqdm
+
+from perturbedvae.errors import CheckpointError, PerturbedVAEError
+from perturbedvae.model import LossWeights, PerturbedVAEModule
+from perturbedvae.train.config import ExperimentConfig
+from perturbedvae.train.datamodule import INDEX_KEY, PerturbationDataModule
+
+SELECTION_METRIC = "pearson_delta_de"
+CHECKPOINT_PREFIX = "epoch_"
+
+Validator = Callable[[torch.nn.Module], Mapping[str, float]]
+"""Scores the (unwrapped) head on validation conditions; must return SELECTION_METRIC."""
+
+
+class TrainingDivergedError(PerturbedVAEError, RuntimeError):
+    """The loss became NaN or infinite; the message names the step, the cells and the usual fixes."""
+
+
+@dataclass
+class TrainingProgress:
+    """What a checkpoint must remember beyond weights and optimizer to resume exactly."""
+
+    epochs_done: int = 0
+    global_step: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    best_state: dict[str, torch.Tensor] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class TrainingResult:
+    """What `Trainer.fit` returns: the trained head (best validation weights) and run facts."""
+
+    module: torch.nn.Module
+    progress: TrainingProgress
+    run_info: dict[str, Any] = field(default_factory=dict)
+
+
+def warmup_factor(epoch: int, warmup_epochs: int) -> float:
+    """Linear warm-up: 0 at epoch 0, 1 from epoch `warmup_epochs` on (always 1 without warm-up)."""
+    return 1.0 if warmup_epochs <= 0 else min(1.0, epoch / warmup_epochs)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, oldest first."""
+    folder = run_dir / "checkpoints"
+    return sorted(folder.glob(f"{CHECKPOINT_PREFIX}*")) if folder.is_dir() else []
+
+
+class Trainer:
+    """Trains a PerturbedVAE head on a datamodule.
+
+    Args:
+        config: The experiment (its `train` and `model` sections are used here).
+        datamodule: Batches and the perturbation vocabulary.
+        run_dir: Where the log, run info and checkpoints go (created by the main process).
+        validator: Called on the main process every `train.eval_every` epochs; None disables
+            validation (then the last epoch's weights are kept).
+        gene_features: Per-perturbation-gene features for heads with `gene_feature_dim`.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        datamodule: PerturbationDataModule,
+        run_dir: Path,
+        validator: Validator | None = None,
+        gene_features: torch.Tensor | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = config.train
+        self.datamodule = datamodule
+        self.run_dir = Path(run_dir)
+        self.validator = validator
+        self.gene_features = gene_features
+        self.accelerator = Accelerator(
+            mixed_precision=self.settings.mixed_precision,
+            gradient_accumulation_steps=self.settings.gradient_accumulation_steps,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def build_module(self) -> PerturbedVAEModule:
+        model_config = self.config.model_config(
+            n_input=self.datamodule.representation.dim,
+            n_genes=len(self.datamodule.data.genes),
+            n_perturbations=len(self.datamodule.perturbation_genes),
+        )
+        return PerturbedVAEModule(model_config, gene_features=self.gene_features)
+
+    def fit(self, resume: bool = False) -> TrainingResult:
+        """Train (or resume the last checkpoint) and return the head with the best validation weights.
+
+        Raises:
+            CheckpointError: `resume` without a checkpoint in the run directory.
+            TrainingDivergedError: a NaN or infinite loss.
+        """
+        settings, accelerator = self.settings, self.accelerator
+        set_seed(settings.seed)
+        module = self.build_module()
+        optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        loader = self.datamodule.train_loader(settings.batch_size, settings.seed)
+        module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+        progress = TrainingProgress()
+        accelerator.register_for_checkpointing(progress)
+        if resume:
+            self._resume(progress)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+
+        started, train_seconds, cells_seen = time.perf_counter(), 0.0, 0
+        for epoch in range(progress.epochs_done, settings.epochs):
+            if progress.stopped_early:
+                break
+            epoch_start = time.perf_counter()
+            losses, n_cells = self._train_epoch(module, optimizer, loader, epoch, progress)
+            train_seconds += time.perf_counter() - epoch_start
+            cells_seen += n_cells
+            progress.epochs_done = epoch + 1
+            record = {"epoch": epoch + 1, "step": progress.global_step, **losses}
+            if progress.epochs_done % settings.eval_every == 0 or progress.epochs_done == settings.epochs:
+                record["val"] = self._validate_and_select(module, progress)
+            record["seconds"] = round(time.perf_counter() - epoch_start, 3)
+            self._append_log(record)
+            if settings.checkpoint_every and progress.epochs_done % settings.checkpoint_every == 0:
+                accelerator.save_state(str(self.run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{progress.epochs_done:04d}"))
+
+        head = accelerator.unwrap_model(module)
+        if progress.best_state is not None:
+            head.load_state_dict(progress.best_state)
+        run_info = self._run_info(progress, cells_seen, train_seconds, time.perf_counter() - started)
+        return TrainingResult(head, progress, run_info)
+
+    def _resume(self, progress: TrainingProgress) -> None:
+        checkpoints = checkpoint_dirs(self.run_dir)
+        if not checkpoints:
+            raise CheckpointError(
+                f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}; start without --resume, "
+                "and set train.checkpoint_every to save checkpoints"
+            )
+        self.accelerator.load_state(str(checkpoints[-1]))
+        if self.is_main:
+            self._truncate_log(progress.epochs_done)
+
+    def _train_epoch(self, module, optimizer, loader, epoch: int, progress: TrainingProgress) -> tuple[dict[str, float], int]:
+        """One pass over the training cells; returns cell-weighted mean losses over all processes."""
+        settings, accelerator = self.settings, self.accelerator
+        model_settings = self.config.model
+        weights = LossWeights(
+            kl=model_settings["kl_weight"] * warmup_factor(epoch, settings.kl_warmup_epochs),
+            alignment=model_settings["alignment_weight"],
+            sparsity=model_settings["sparsity_weight"] * warmup_factor(epoch, settings.sparsity_warmup_epochs),
+            dag=model_settings["dag_weight"],
+        )
+        loader.set_epoch(epoch)
+        module.train()
+        sums: dict[str, torch.Tensor] = {}
+        n_cells = torch.zeros((), device=accelerator.device)
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not accelerator.is_local_main_process, leave=False)
+        for step, batch in enumerate(loader):
+            cell_rows = batch.pop(INDEX_KEY)
+            with accelerator.accumulate(module):
+                output = module(batch, weights)
+                self._check_finite(output.loss, epoch, step, progress.global_step, cell_rows)
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients and settings.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(module.parameters(), settings.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            progress.global_step += 1
+            size = len(cell_rows)
+            n_cells += size
+            for name, value in {"loss": output.loss, **output.parts}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * size
+            bar.update(1)
+            bar.set_postfix(loss=f"{output.loss.item():.4g}")
+        bar.close()
+        total = accelerator.reduce(n_cells, reduction="sum")
+        means = {name: float(accelerator.reduce(value, reduction="sum") / total) for name, value in sums.items()}
+        means["kl_weight"], means["sparsity_weight"] = weights.kl, weights.sparsity
+        return means, int(total)
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int, step: int, global_step: int, cell_rows: torch.Tensor) -> None:
+        """Stop every process together when any process sees a non-finite loss."""
+        finite = torch.isfinite(loss.detach()).reshape(1).float()
+        if self.accelerator.num_processes > 1:
+            finite = self.accelerator.gather(finite)
+        if bool(finite.min() > 0):
+            return
+        names = self.datamodule.data.adata.obs_names[cell_rows.cpu().numpy()[:5]].tolist()
+        raise TrainingDivergedError(
+            f"loss is {loss.item()} at epoch {epoch + 1}, step {step} of the epoch (global step {global_step}); "
+            f"batch of {len(cell_rows)} cells starting with {', '.join(names)} (on process "
+            f"{self.accelerator.process_index} or another). Lower train.lr, set train.max_grad_norm, or use "
+            "train.mixed_precision=no"
+        )
+
+    def _validate_and_select(self, module, progress: TrainingProgress) -> dict[str, float] | None:
+        """Score on the main process, share the scores, keep the best weights, count patience."""
+        metrics = None
+        if self.validator is not None and self.is_main:
+            metrics = {name: float(value) for name, value in self.validator(self.accelerator.unwrap_model(module)).items()}
+        metrics = broadcast_object_list([metrics])[0] if self.accelerator.num_processes > 1 else metrics
+        if metrics is None:
+            return None
+        score = metrics.get(SELECTION_METRIC, math.nan)
+        if not math.isnan(score) and score > progress.best_score:
+            progress.best_score, progress.best_epoch = score, progress.epochs_done
+            progress.evals_without_improvement = 0
+            state = self.accelerator.unwrap_model(module).state_dict()
+            progress.best_state = {key: value.detach().cpu().clone() for key, value in state.items()}
+        else:
+            progress.evals_without_improvement += 1
+        patience = self.settings.early_stopping_patience
+        progress.stopped_early = patience is not None and progress.evals_without_improvement >= patience
+        return metrics
+
+    def _append_log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.run_dir / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self, epochs_done: int) -> None:
+        """Drop log lines of epochs after the checkpoint: the resumed run writes them again."""
+        path = self.run_dir / "log.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epochs_done]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _run_info(self, progress: TrainingProgress, cells_seen: int, train_seconds: float, wall_seconds: float) -> dict[str, Any]:
+        import accelerate
+
+        state = self.accelerator.state
+        return {
+            "world_size": self.accelerator.num_processes,
+            "distributed_type": str(state.distributed_type),
+            "device": str(self.accelerator.device),
+            "mixed_precision": self.accelerator.mixed_precision,
+            "gradient_accumulation_steps": self.settings.gradient_accumulation_steps,
+            "seed": self.settings.seed,
+            "epochs_done": progress.epochs_done,
+            "global_steps": progress.global_step,
+            "best_epoch": progress.best_epoch,
+            "best_val_" + SELECTION_METRIC: None if math.isinf(progress.best_score) else progress.best_score,
+            "stopped_early": progress.stopped_early,
+            "train_cells_per_second": cells_seen / train_seconds if train_seconds > 0 else None,
+            "train_seconds": train_seconds,
+            "wall_seconds": wall_seconds,
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "accelerate": accelerate.__version__,
+                "perturbedvae": _package_version(),
+            },
+        }
+
+
+def _package_version() -> str:
+    from perturbedvae import __version__
+
+    return __version__
