@@ -164,11 +164,15 @@ class Split:
         try:
             content = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise SplitError(f"{path} is not valid JSON ({error}); recreate it with make_split(...).save(path)") from None
+            raise SplitError(
+                f"{path} is not valid JSON ({error}); recreate it with make_split(...).save(path)"
+            ) from None
         if not isinstance(content, dict) or content.get("format") != _FORMAT:
             raise SplitError(f"{path} is not a perturbedvae split file (no \"format\": \"{_FORMAT}\")")
         if content.get("version") != _FORMAT_VERSION:
-            raise SplitError(f"{path}: split format version {content.get('version')!r}; this version reads {_FORMAT_VERSION}")
+            raise SplitError(
+                f"{path}: split format version {content.get('version')!r}; this version reads {_FORMAT_VERSION}"
+            )
         missing = [key for key in _REQUIRED_KEYS if key not in content]
         if missing:
             raise SplitError(f"{path} lacks key(s) {', '.join(missing)}; recreate it with make_split(...).save(path)")
@@ -205,8 +209,8 @@ def _sorted_subgroups(subgroups: object, what: str) -> dict[str, list[str]]:
 
 
 def _check_fraction(value: float, name: str, *, allow_zero: bool = True) -> None:
-    low_ok = value >= 0 if allow_zero else value > 0
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low_ok and value <= 1):
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not (0 <= value <= 1) or (value == 0 and not allow_zero):
         bounds = "[0, 1]" if allow_zero else "(0, 1]"
         raise SplitError(f"{name} must be a number in {bounds}, got {value!r}")
 
@@ -244,13 +248,15 @@ def gears_spelling(raw: str, syntax: ConditionSyntax) -> str | None:
     GEARS sorts combination strings, so `B+A` must stay `B+A`; singles become `A+ctrl` unless written
     `A+ctrl`/`ctrl+A` already (GEARS recognises a single by the `ctrl` in it).
     """
-    genes = [token.strip() for token in raw.strip().split(syntax.delimiter) if not syntax.is_control_label(token.strip())]
+    tokens = [token.strip() for token in raw.strip().split(syntax.delimiter)]
+    genes = [token for token in tokens if not syntax.is_control_label(token)]
     if not genes:
         return None
-    if len(genes) == 1:
-        written = raw.strip()
-        return written if written in (f"{genes[0]}+{_GEARS_CONTROL}", f"{_GEARS_CONTROL}+{genes[0]}") else f"{genes[0]}+{_GEARS_CONTROL}"
-    return "+".join(genes)
+    if len(genes) > 1:
+        return "+".join(genes)
+    single = f"{genes[0]}+{_GEARS_CONTROL}"
+    written = raw.strip()
+    return written if written in (single, f"{_GEARS_CONTROL}+{genes[0]}") else single
 
 
 def _gears_genes(spelling: str) -> list[str]:
@@ -299,8 +305,9 @@ def gears_simulation_split(
 ) -> Split:
     """GEARS' simulation split (`DataSplitter(split_type='simulation').split_data`), same result for same input.
 
-    Test: singles of the held-out 25% of genes (`unseen_single`), combinations with one or no train gene
-    (`combo_seen1`, `combo_seen0`) and 25% of the combinations of two train genes (`combo_seen2`). Validation:
+    A seeded `train_gene_set_size` share of the genes are train genes. Test: singles of the other genes
+    (`unseen_single`), combinations with one or no train gene (`combo_seen1`, `combo_seen0`) and the
+    `1 - combo_seen2_train_frac` share of the combinations of two train genes (`combo_seen2`). Validation:
     the same procedure inside train at 0.9/0.9. Control is always in train.
 
     Args:
@@ -463,7 +470,9 @@ def custom_split(data: PerturbationData, column: str) -> Split:
     is_control = data.conditions == CONTROL
     missing = labels.isna().to_numpy() & ~is_control
     if missing.any():
-        raise SplitError(f"{int(missing.sum())} perturbed cells have no value in obs[{column!r}]; label each train, val or test")
+        raise SplitError(
+            f"{int(missing.sum())} perturbed cells have no value in obs[{column!r}]; label each train, val or test"
+        )
     roles = labels.astype(str).str.strip().str.lower().to_numpy()
     unknown = sorted(set(roles[~is_control]) - set(ROLES))
     if unknown:
@@ -511,7 +520,8 @@ def make_split(data: PerturbationData, scheme: str, seed: int = 1, **params) -> 
     unexpected = sorted(set(params) - set(_PARAMETERS[scheme]))
     if unexpected:
         raise SplitError(
-            f"split scheme {scheme!r} takes no parameter(s) {', '.join(unexpected)}; it takes: {', '.join(_PARAMETERS[scheme])}"
+            f"split scheme {scheme!r} takes no parameter(s) {', '.join(unexpected)}; "
+            f"it takes: {', '.join(_PARAMETERS[scheme])}"
         )
     if scheme == "gears":
         spellings = [data.raw_spelling[name] for name in data.condition_names]
