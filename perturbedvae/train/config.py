@@ -89,6 +89,9 @@ class RepresentationConfig:
 class TrainConfig:
     """Optimisation. Warm-ups are linear over epochs; `checkpoint_every: 0` saves no checkpoints.
 
+    `mixed_precision: null` takes the launcher's setting (`accelerate launch --mixed_precision` or the
+    accelerate config file), "no" when launched without one; a value here overrides the launcher.
+
     `n_control_cells` control cells (a fixed seeded subset) are the starting points of every
     counterfactual prediction, in validation and in `predict_conditions`.
     """
@@ -99,7 +102,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     kl_warmup_epochs: int = 5
     sparsity_warmup_epochs: int = 5
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     gradient_accumulation_steps: int = 1
     seed: int = 0
     early_stopping_patience: int | None = None

@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from perturbedvae.data.loading import PerturbationData
+from perturbedvae.encoders import CellEncoder, load_encoder
 from perturbedvae.errors import CheckpointError, ConfigError
 from perturbedvae.train.config import RepresentationConfig
 
@@ -29,10 +32,12 @@ class Representation:
 
     Attributes:
         fitted: Arrays that define the representation beyond the config (PCA `mean`, `components`).
+        encoder: The cell encoder that embedded the cells (kind "encoder"); it also gives gene features.
     """
 
     matrix: np.ndarray | sp.csr_matrix
     fitted: dict[str, np.ndarray] = field(default_factory=dict)
+    encoder: CellEncoder | None = None
 
     @property
     def dim(self) -> int:
@@ -52,21 +57,35 @@ def build_representation(
     """Build `h` for every cell; with `run_dir`, reuse the PCA basis saved there instead of refitting.
 
     Raises:
-        ConfigError: for an absent obsm key, a PCA wider than the data, or an encoder kind this
-            function cannot embed (LoRA fine-tuning runs inside the trainer, not here).
+        ConfigError: for an absent obsm key, a PCA wider than the data, or LoRA fine-tuning (which
+            would have to run inside every training step; not supported yet).
     """
     if config.kind == "obsm":
         return Representation(_obsm_matrix(data, config.obsm_key))
     if config.kind == "encoder":
-        raise ConfigError(
-            "representation.kind encoder is not available in this trainer yet; embed the cells first "
-            "(store them in adata.obsm) and use representation.kind obsm with obsm_key"
-        )
+        if config.finetune != "frozen":
+            raise ConfigError(
+                f"representation.finetune {config.finetune!r} is not supported by the trainer yet; "
+                "use representation.finetune=frozen"
+            )
+        encoder = load_encoder(config.adapter, config.checkpoint)
+        return Representation(embed_cells(encoder, data.adata, config.embed_batch_size), encoder=encoder)
     matrix = data.adata.X
     if config.n_components is None:
         return Representation(sp.csr_matrix(matrix) if sp.issparse(matrix) else np.asarray(matrix, dtype=np.float32))
     fitted = _load_pca(run_dir) if run_dir is not None else _fit_pca(matrix, train_cells, config.n_components)
     return Representation(_project(matrix, fitted["mean"], fitted["components"]), fitted)
+
+
+@torch.no_grad()
+def embed_cells(encoder: CellEncoder, adata: ad.AnnData, batch_size: int) -> np.ndarray:
+    """Run a frozen encoder once over every cell, in batches of `batch_size` cells."""
+    inputs = encoder.prepare(adata)
+    blocks = []
+    for start in range(0, adata.n_obs, batch_size):
+        batch = {key: value[start : start + batch_size] for key, value in inputs.items()}
+        blocks.append(encoder.embed(batch).float().cpu().numpy())
+    return np.concatenate(blocks) if blocks else np.zeros((0, encoder.hidden_size), dtype=np.float32)
 
 
 def _obsm_matrix(data: PerturbationData, key: str | None) -> np.ndarray:

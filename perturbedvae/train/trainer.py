@@ -12,6 +12,7 @@ Only the main process writes files (Accelerate's per-process RNG files inside ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -21,11 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import accelerate
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
+from perturbedvae import __version__ as perturbedvae_version
 from perturbedvae.errors import CheckpointError, PerturbedVAEError
 from perturbedvae.model import LossWeights, PerturbedVAEModule
 from perturbedvae.train.config import ExperimentConfig
@@ -164,11 +167,25 @@ class Trainer:
             if settings.checkpoint_every and progress.epochs_done % settings.checkpoint_every == 0:
                 accelerator.save_state(str(self.run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{progress.epochs_done:04d}"))
 
-        head = accelerator.unwrap_model(module)
-        if progress.best_state is not None:
-            head.load_state_dict(progress.best_state)
+        head = self._final_head(module, progress)
         run_info = self._run_info(progress, cells_seen, train_seconds, time.perf_counter() - started)
         return TrainingResult(head, progress, run_info)
+
+    def _final_head(self, module, progress: TrainingProgress) -> torch.nn.Module:
+        """A plain (unwrapped, unsharded) head with the best validation weights, else the last ones.
+
+        Gathering a sharded (FSDP) state is collective, so every process calls this; the weights are
+        complete on the main process, the only one that saves or evaluates them.
+        """
+        state = progress.best_state if progress.best_state is not None else self._full_state(module)
+        head = self.build_module().to(self.accelerator.device)
+        if self.is_main:
+            head.load_state_dict(state)
+        return head
+
+    def _full_state(self, module) -> dict[str, torch.Tensor]:
+        state = self.accelerator.get_state_dict(module)
+        return {key: value.detach().cpu().clone() for key, value in state.items()}
 
     def _resume(self, progress: TrainingProgress) -> None:
         checkpoints = checkpoint_dirs(self.run_dir)
@@ -236,18 +253,19 @@ class Trainer:
 
     def _validate_and_select(self, module, progress: TrainingProgress) -> dict[str, float] | None:
         """Score on the main process, share the scores, keep the best weights, count patience."""
-        metrics = None
-        if self.validator is not None and self.is_main:
-            metrics = {name: float(value) for name, value in self.validator(self.accelerator.unwrap_model(module)).items()}
-        metrics = broadcast_object_list([metrics])[0] if self.accelerator.num_processes > 1 else metrics
-        if metrics is None:
+        if self.validator is None:
             return None
+        metrics = None
+        with _full_parameters(self.accelerator, module):
+            if self.is_main:
+                scores = self.validator(self.accelerator.unwrap_model(module))
+                metrics = {name: float(value) for name, value in scores.items()}
+        metrics = broadcast_object_list([metrics])[0] if self.accelerator.num_processes > 1 else metrics
         score = metrics.get(SELECTION_METRIC, math.nan)
         if not math.isnan(score) and score > progress.best_score:
             progress.best_score, progress.best_epoch = score, progress.epochs_done
             progress.evals_without_improvement = 0
-            state = self.accelerator.unwrap_model(module).state_dict()
-            progress.best_state = {key: value.detach().cpu().clone() for key, value in state.items()}
+            progress.best_state = self._full_state(module)
         else:
             progress.evals_without_improvement += 1
         patience = self.settings.early_stopping_patience
@@ -267,8 +285,6 @@ class Trainer:
             path.write_text("".join(line + "\n" for line in kept))
 
     def _run_info(self, progress: TrainingProgress, cells_seen: int, train_seconds: float, wall_seconds: float) -> dict[str, Any]:
-        import accelerate
-
         state = self.accelerator.state
         return {
             "world_size": self.accelerator.num_processes,
@@ -289,12 +305,15 @@ class Trainer:
                 "python": platform.python_version(),
                 "torch": torch.__version__,
                 "accelerate": accelerate.__version__,
-                "perturbedvae": _package_version(),
+                "perturbedvae": perturbedvae_version,
             },
         }
 
 
-def _package_version() -> str:
-    from perturbedvae import __version__
+def _full_parameters(accelerator: Accelerator, module):
+    """Context in which a sharded (FSDP) head holds its full parameters; a no-op otherwise."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-    return __version__
+    return FullyShardedDataParallel.summon_full_params(module, writeback=False)

@@ -1,0 +1,310 @@
+"""Run directories: everything one training run produced, in one folder a user can keep or share.
+
+    <run_dir>/config.yaml        the full experiment config (absolute paths), enough to redo the run
+    <run_dir>/split.json         the split it trained on
+    <run_dir>/representation.npz the PCA basis of the inputs (only for representation.n_components)
+    <run_dir>/model/             the head, `PerturbedVAE.save_pretrained`
+    <run_dir>/log.jsonl          one line per epoch: losses, loss weights, validation metrics
+    <run_dir>/metrics.json       final evaluation on the test conditions (+ the evaluator's tidy table)
+    <run_dir>/run_info.json      world size, precision, seed, versions, throughput, wall time
+    <run_dir>/checkpoints/       Accelerate states every `train.checkpoint_every` epochs (for --resume)
+
+`train_from_config` makes one, `load_run` reads it back, `predict_conditions` answers "what would these
+perturbations do?" from it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+
+from perturbedvae.data.conditions import check_known_genes, genes_of
+from perturbedvae.data.de import compute_de_genes
+from perturbedvae.data.loading import PerturbationData, load_dataset
+from perturbedvae.data.splits import Split, make_split
+from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
+from perturbedvae.evaluate import Evaluator, Predictions, compare, write_metrics
+from perturbedvae.model import PerturbedVAE
+from perturbedvae.train.config import DataConfig, ExperimentConfig, SplitConfig, load_config
+from perturbedvae.train.datamodule import PerturbationDataModule, is_predictable
+from perturbedvae.train.predict import predict_from_controls
+from perturbedvae.train.representation import PCA_FILE, build_representation
+from perturbedvae.train.trainer import SELECTION_METRIC, Trainer
+
+MODEL_NAME = "perturbedvae"
+"""Name of the head's predictions in metrics.json (baselines sit beside it under their own names)."""
+
+RESUME_MAY_CHANGE = ("train.epochs", "output.run_dir", "output.overwrite")
+"""Config keys a resumed run may change; any other difference would make the resumed run another run."""
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths inside a run directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split.json"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.jsonl"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def run_info(self) -> Path:
+        return self.root / "run_info.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def representation(self) -> Path:
+        return self.root / PCA_FILE
+
+    def existing_outputs(self) -> list[Path]:
+        candidates = [self.config, self.split, self.model, self.log, self.metrics, self.run_info, self.checkpoints, self.representation]
+        return [path for path in candidates if path.exists()]
+
+
+def load_data(config: DataConfig) -> PerturbationData:
+    """Read (or simulate, for `data.synthetic`) and validate the dataset a config names."""
+    source = config.path
+    if config.synthetic is not None:
+        from perturbedvae.data.synthetic import SimulationConfig, simulate
+
+        try:
+            source = simulate(SimulationConfig(**config.synthetic))
+        except TypeError as error:
+            raise ConfigError(f"data.synthetic: {error}; use fields of SimulationConfig") from None
+    return load_dataset(
+        source,
+        condition_key=config.condition_key,
+        control_labels=config.control_labels,
+        delimiter=config.delimiter,
+        obs_filter=config.obs_filter,
+        gene_symbol_key=config.gene_symbol_key,
+        n_top_genes=config.n_top_genes,
+    )
+
+
+def load_or_make_split(config: SplitConfig, data: PerturbationData) -> Split:
+    return Split.load(config.path) if config.path else make_split(data, config.scheme, seed=config.seed, **config.params)
+
+
+def build_datamodule(config: ExperimentConfig, data: PerturbationData, split: Split, run_dir: Path | None = None) -> PerturbationDataModule:
+    """Representation + targets + vocabulary; with `run_dir`, the saved PCA basis is reused."""
+    train_cells = np.flatnonzero(np.isin(data.conditions, split.train))
+    representation = build_representation(config.representation, data, train_cells, run_dir)
+    return PerturbationDataModule.build(data, split, representation, config.model["likelihood"])
+
+
+def gene_features(config: ExperimentConfig, datamodule: PerturbationDataModule) -> torch.Tensor | None:
+    """Per-perturbation-gene features from the encoder, for heads with `model.gene_feature_dim`."""
+    if config.model["gene_feature_dim"] is None:
+        return None
+    encoder = datamodule.representation.encoder
+    features = encoder.gene_embeddings(datamodule.perturbation_genes) if encoder is not None else None
+    if features is None:
+        raise ConfigError(
+            "model.gene_feature_dim needs gene embeddings from a cell encoder (representation.kind encoder "
+            "with an encoder that has them); remove model.gene_feature_dim otherwise"
+        )
+    return features
+
+
+class ConditionScorer:
+    """Scores counterfactual predictions of held-out conditions the head can express.
+
+    Conditions with a gene outside the perturbation vocabulary (never perturbed in training) cannot be
+    predicted by a head without gene features; they are left out and listed in `skipped`.
+    """
+
+    def __init__(self, datamodule: PerturbationDataModule, conditions: Sequence[str], subgroups: Mapping[str, Sequence[str]], de_method: str, n_de_genes: int, control_cells: np.ndarray) -> None:
+        vocabulary = datamodule.perturbation_genes
+        self.datamodule = datamodule
+        self.conditions = [name for name in conditions if is_predictable(name, vocabulary)]
+        self.skipped = [name for name in conditions if not is_predictable(name, vocabulary)]
+        groups = {group: [name for name in names if name in set(self.conditions)] for group, names in subgroups.items()}
+        self.groups = {group: names for group, names in groups.items() if names} or {"all": self.conditions}
+        self.de_method, self.n_de_genes = de_method, n_de_genes
+        self.control_cells = control_cells
+        self._evaluator: Evaluator | None = None
+
+    @property
+    def evaluator(self) -> Evaluator:
+        """Built on first use, so only the process that scores pays for the DE genes."""
+        if self._evaluator is None:
+            de = compute_de_genes(self.datamodule.data, method=self.de_method, n_top=self.n_de_genes)
+            self._evaluator = Evaluator(self.datamodule.data, de, self.groups)
+        return self._evaluator
+
+    def predict(self, module: torch.nn.Module) -> Predictions:
+        return predict_from_controls(module, self.datamodule, self.conditions, self.control_cells)
+
+    def __call__(self, module: torch.nn.Module) -> dict[str, float]:
+        return {name: float(value) for name, value in self.evaluator.evaluate(self.predict(module)).overall.items()}
+
+
+def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
+    """Train the experiment a config describes, evaluate it on the test conditions, return the run dir.
+
+    Works in one process or under `accelerate launch`; only the main process writes files.
+
+    Raises:
+        ConfigError: the run directory already holds a run (pass output.overwrite=true or resume).
+        CheckpointError: resume without checkpoints, or with a config that changes more than train.epochs.
+    """
+    layout = RunLayout(Path(config.output.run_dir))
+    state = PartialState()
+    if state.is_main_process:
+        _prepare_run_dir(layout, config, resume)
+    state.wait_for_everyone()
+    data = load_data(config.data)
+    split = Split.load(layout.split) if resume and layout.split.is_file() else load_or_make_split(config.split, data)
+    datamodule = build_datamodule(config, data, split, layout.root if resume and layout.representation.is_file() else None)
+    if state.is_main_process:
+        config.save(layout.config)
+        split.save(layout.split)
+        datamodule.representation.save(layout.root)
+    controls = datamodule.control_cells(config.train.n_control_cells, config.train.seed)
+    validator = ConditionScorer(datamodule, split.val, split.val_subgroups, config.data.de_method, config.data.n_de_genes, controls)
+    if not validator.conditions:
+        warnings.warn("no validation condition the head can predict: model selection uses the last epoch", UserWarning, stacklevel=2)
+    trainer = Trainer(config, datamodule, layout.root, validator if validator.conditions else None, gene_features(config, datamodule))
+    result = trainer.fit(resume=resume)
+    if state.is_main_process:
+        model = PerturbedVAE(result.module.config, result.module, datamodule.perturbation_genes, data.genes)
+        model.save_pretrained(layout.model)
+        test_scorer = ConditionScorer(datamodule, split.test, split.test_subgroups, config.data.de_method, config.data.n_de_genes, controls)
+        run_info = {**result.run_info, "data_fingerprint": data.fingerprint, "n_train_cells": len(datamodule.train_cells),
+                    "unpredictable_val_conditions": validator.skipped, "unpredictable_test_conditions": test_scorer.skipped}
+        if test_scorer.conditions:
+            summary, tidy = compare(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(model.module)})
+            write_metrics(summary, tidy, layout.root)
+        layout.run_info.write_text(json.dumps(run_info, indent=2) + "\n")
+    state.wait_for_everyone()
+    return layout.root
+
+
+def _prepare_run_dir(layout: RunLayout, config: ExperimentConfig, resume: bool) -> None:
+    existing = layout.existing_outputs()
+    if resume:
+        if layout.config.is_file():
+            _check_resumable(load_config(layout.config), config)
+        return
+    if existing and not config.output.overwrite:
+        raise ConfigError(
+            f"{layout.root} already holds a run ({', '.join(path.name for path in existing)}); choose another "
+            "output.run_dir, pass output.overwrite=true to replace it, or --resume to continue it"
+        )
+    for path in existing:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    layout.root.mkdir(parents=True, exist_ok=True)
+
+
+def _check_resumable(saved: ExperimentConfig, current: ExperimentConfig) -> None:
+    before, after = _flatten(saved.to_dict()), _flatten(current.to_dict())
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key) and key not in RESUME_MAY_CHANGE)
+    if changed:
+        raise CheckpointError(
+            f"cannot resume: the config differs from the run's config.yaml in {', '.join(changed)}; "
+            "resume with the same config (only train.epochs may change) or start a new run"
+        )
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping) and prefix.count(".") < 1:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@dataclass
+class LoadedRun:
+    """A finished run: its config, split, trained head and the data to start predictions from."""
+
+    run_dir: Path
+    config: ExperimentConfig
+    split: Split
+    model: PerturbedVAE
+    datamodule: PerturbationDataModule
+
+    def predict(self, conditions: Sequence[str], per_cell: bool = False) -> Predictions:
+        """Predicted mean profiles (and per-cell profiles) of conditions spelled as in the run's data.
+
+        Rows are named by canonical condition (`B+A` -> `A+B`, `A+ctrl` -> `A`), each once.
+
+        Raises:
+            ConditionError: for a malformed condition or a gene outside the run's perturbation vocabulary
+                (close matches are listed).
+        """
+        syntax = self.datamodule.data.syntax
+        canonical = []
+        for text in conditions:
+            try:
+                canonical.append(syntax.canonical(text))
+            except ConditionError as error:
+                raise ConditionError(f"cannot predict {text!r}: {error}") from None
+        canonical = list(dict.fromkeys(canonical))
+        wanted = sorted({gene for name in canonical for gene in genes_of(name)})
+        check_known_genes(wanted, self.model.perturbation_genes, what="perturbation vocabulary of this run (genes perturbed in its training conditions)")
+        controls = self.datamodule.control_cells(self.config.train.n_control_cells, self.config.train.seed)
+        return predict_from_controls(self.model.module, self.datamodule, canonical, controls, per_cell=per_cell)
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Read a run directory back: reloads the data its config names and the trained head.
+
+    Raises:
+        CheckpointError: when the directory is not a finished run or its head does not match the data.
+    """
+    layout = RunLayout(Path(run_dir))
+    missing = [path.name for path in (layout.config, layout.split, layout.model) if not path.exists()]
+    if missing:
+        raise CheckpointError(f"{layout.root} is not a finished run (missing {', '.join(missing)}); train it with train_from_config")
+    config = load_config(layout.config)
+    data = load_data(config.data)
+    split = Split.load(layout.split)
+    datamodule = build_datamodule(config, data, split, layout.root)
+    model = PerturbedVAE.from_pretrained(layout.model)
+    if model.perturbation_genes != datamodule.perturbation_genes or model.gene_names != data.genes:
+        raise CheckpointError(f"{layout.model} does not match the data its config names (other genes or vocabulary); was the data file changed?")
+    return LoadedRun(layout.root, config, split, model, datamodule)
+
+
+def predict_conditions(run_dir: str | Path, conditions: Sequence[str], per_cell: bool = False) -> Predictions:
+    """Load a run and predict `conditions` (see `LoadedRun.predict`)."""
+    return load_run(run_dir).predict(conditions, per_cell=per_cell)
+
+
+__all__ = ["SELECTION_METRIC", "LoadedRun", "RunLayout", "load_run", "predict_conditions", "train_from_config"]
