@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 
 from perturbedvae.data.conditions import check_known_genes, genes_of
 from perturbedvae.data.de import compute_de_genes
@@ -38,7 +37,7 @@ from perturbedvae.train.config import DataConfig, ExperimentConfig, SplitConfig,
 from perturbedvae.train.datamodule import PerturbationDataModule, is_predictable
 from perturbedvae.train.predict import predict_from_controls
 from perturbedvae.train.representation import PCA_FILE, build_representation
-from perturbedvae.train.trainer import SELECTION_METRIC, Trainer
+from perturbedvae.train.trainer import SELECTION_METRIC, Trainer, make_accelerator
 
 MODEL_NAME = "perturbedvae"
 """Name of the head's predictions in metrics.json (baselines sit beside it under their own names)."""
@@ -179,14 +178,14 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
         CheckpointError: resume without checkpoints, or with a config that changes more than train.epochs.
     """
     layout = RunLayout(Path(config.output.run_dir))
-    state = PartialState()
-    if state.is_main_process:
+    accelerator = make_accelerator(config.train)
+    if accelerator.is_main_process:
         _prepare_run_dir(layout, config, resume)
-    state.wait_for_everyone()
+    accelerator.wait_for_everyone()
     data = load_data(config.data)
     split = Split.load(layout.split) if resume and layout.split.is_file() else load_or_make_split(config.split, data)
     datamodule = build_datamodule(config, data, split, layout.root if resume and layout.representation.is_file() else None)
-    if state.is_main_process:
+    if accelerator.is_main_process:
         config.save(layout.config)
         split.save(layout.split)
         datamodule.representation.save(layout.root)
@@ -194,9 +193,9 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
     validator = ConditionScorer(datamodule, split.val, split.val_subgroups, config.data.de_method, config.data.n_de_genes, controls)
     if not validator.conditions:
         warnings.warn("no validation condition the head can predict: model selection uses the last epoch", UserWarning, stacklevel=2)
-    trainer = Trainer(config, datamodule, layout.root, validator if validator.conditions else None, gene_features(config, datamodule))
+    trainer = Trainer(config, datamodule, layout.root, validator if validator.conditions else None, gene_features(config, datamodule), accelerator)
     result = trainer.fit(resume=resume)
-    if state.is_main_process:
+    if accelerator.is_main_process:
         model = PerturbedVAE(result.module.config, result.module, datamodule.perturbation_genes, data.genes)
         model.save_pretrained(layout.model)
         test_scorer = ConditionScorer(datamodule, split.test, split.test_subgroups, config.data.de_method, config.data.n_de_genes, controls)
@@ -206,7 +205,7 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
             summary, tidy = compare(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(model.module)})
             write_metrics(summary, tidy, layout.root)
         layout.run_info.write_text(json.dumps(run_info, indent=2) + "\n")
-    state.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return layout.root
 
 

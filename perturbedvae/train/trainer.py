@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from perturbedvae import __version__ as perturbedvae_version
 from perturbedvae.errors import CheckpointError, PerturbedVAEError
 from perturbedvae.model import LossWeights, PerturbedVAEModule
-from perturbedvae.train.config import ExperimentConfig
+from perturbedvae.train.config import ExperimentConfig, TrainConfig
 from perturbedvae.train.datamodule import INDEX_KEY, PerturbationDataModule
 
 SELECTION_METRIC = "pearson_delta_de"
@@ -74,6 +74,21 @@ class TrainingResult:
     run_info: dict[str, Any] = field(default_factory=dict)
 
 
+def make_accelerator(settings: TrainConfig) -> Accelerator:
+    """The run's Accelerator; create it before anything else asks which process is the main one.
+
+    Accelerate reads the launcher's environment (world size, `ACCELERATE_USE_CPU`, precision) when the
+    first Accelerator is made; a bare `PartialState()` made earlier would miss the CPU flag and see one
+    process. Unused-parameter detection is on because a batch without doubles leaves the pairwise term
+    without gradient.
+    """
+    return Accelerator(
+        mixed_precision=settings.mixed_precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
 def warmup_factor(epoch: int, warmup_epochs: int) -> float:
     """Linear warm-up: 0 at epoch 0, 1 from epoch `warmup_epochs` on (always 1 without warm-up)."""
     return 1.0 if warmup_epochs <= 0 else min(1.0, epoch / warmup_epochs)
@@ -95,6 +110,7 @@ class Trainer:
         validator: Called on the main process every `train.eval_every` epochs; None disables
             validation (then the last epoch's weights are kept).
         gene_features: Per-perturbation-gene features for heads with `gene_feature_dim`.
+        accelerator: An Accelerator made by `make_accelerator` (made here when None).
     """
 
     def __init__(
@@ -104,6 +120,7 @@ class Trainer:
         run_dir: Path,
         validator: Validator | None = None,
         gene_features: torch.Tensor | None = None,
+        accelerator: Accelerator | None = None,
     ) -> None:
         self.config = config
         self.settings = config.train
@@ -111,11 +128,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.validator = validator
         self.gene_features = gene_features
-        self.accelerator = Accelerator(
-            mixed_precision=self.settings.mixed_precision,
-            gradient_accumulation_steps=self.settings.gradient_accumulation_steps,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        )
+        self.accelerator = accelerator or make_accelerator(config.train)
 
     @property
     def is_main(self) -> bool:

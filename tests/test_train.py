@@ -1,0 +1,162 @@
+"""The datamodule and the Accelerate training loop: batches, warm-ups, exact resume, NaN guard, early stop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from perturbedvae.data.conditions import CONTROL, genes_of
+from perturbedvae.data.loading import load_dataset
+from perturbedvae.data.splits import make_split
+from perturbedvae.data.synthetic import SimulationConfig, simulate
+from perturbedvae.errors import CheckpointError
+from perturbedvae.train.config import ExperimentConfig
+from perturbedvae.train.datamodule import EpochShuffleSampler, PerturbationDataModule, perturbation_vocabulary
+from perturbedvae.train.representation import build_representation
+from perturbedvae.train.runs import train_from_config
+from perturbedvae.train.trainer import Trainer, TrainingDivergedError, warmup_factor
+
+SIMULATION = {"n_genes": 40, "n_latent": 4, "n_perturbations": 6, "n_combinations": 8, "cells_per_condition": 15, "n_control_cells": 60}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test builds its own Accelerator; Accelerate keeps process-wide state between them otherwise."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def tiny_config(run_dir: Path, **train) -> ExperimentConfig:
+    return ExperimentConfig.from_dict({
+        "data": {"synthetic": SIMULATION, "n_de_genes": 10},
+        "split": {"scheme": "doubles", "seed": 1},
+        "model": {"likelihood": "nb", "n_latent": 4, "n_hidden": 16, "n_layers": 1},
+        "train": {"epochs": 4, "batch_size": 32, "lr": 3e-3, "kl_warmup_epochs": 2, "sparsity_warmup_epochs": 2, "n_control_cells": 40, **train},
+        "output": {"run_dir": str(run_dir)},
+    })
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset(simulate(SimulationConfig(**SIMULATION)))
+
+
+@pytest.fixture(scope="module")
+def datamodule(data) -> PerturbationDataModule:
+    split = make_split(data, "doubles", seed=1)
+    train_cells = np.flatnonzero(np.isin(data.conditions, split.train))
+    representation = build_representation(tiny_config(Path("unused")).representation, data, train_cells)
+    return PerturbationDataModule.build(data, split, representation, "nb")
+
+
+def test_vocabulary_is_the_sorted_genes_of_training_conditions(datamodule) -> None:
+    split = datamodule.split
+    expected = sorted({gene for name in split.train for gene in genes_of(name)})
+    assert datamodule.perturbation_genes == expected == perturbation_vocabulary(split)
+    held_out_only = {gene for name in split.val + split.test for gene in genes_of(name)} - set(expected)
+    assert not held_out_only & set(datamodule.perturbation_genes)
+
+
+def test_batches_hold_training_cells_with_their_multi_hot_and_counts(datamodule, data) -> None:
+    assert sp.issparse(datamodule.target) and sp.issparse(datamodule.representation.matrix)
+    loader = datamodule.train_loader(batch_size=50, seed=0)
+    seen = []
+    for batch in loader:
+        rows = batch["index"].numpy()
+        seen.extend(rows)
+        assert batch["x"].shape == (len(rows), data.adata.n_vars) and batch["x"].dtype == torch.float32
+        np.testing.assert_array_equal(batch["x"].numpy(), data.adata.layers["counts"][rows].toarray())
+        np.testing.assert_allclose(batch["library_size"].numpy(), batch["x"].sum(1).numpy(), rtol=1e-5)
+        for row, hot in zip(rows, batch["perturbations"].numpy()):
+            genes = [datamodule.perturbation_genes[column] for column in np.flatnonzero(hot)]
+            assert ("+".join(genes) or CONTROL) == data.conditions[row]
+    assert sorted(seen) == sorted(datamodule.train_cells)
+    assert set(data.conditions[seen]) == set(datamodule.split.train)
+
+
+def test_shuffle_depends_only_on_seed_and_epoch() -> None:
+    first, second = EpochShuffleSampler(100, seed=3), EpochShuffleSampler(100, seed=3)
+    first.set_epoch(2)
+    second.set_epoch(2)
+    assert list(first) == list(second)
+    second.set_epoch(3)
+    assert list(first) != list(second)
+    assert sorted(first) == list(range(100))
+
+
+def test_warmup_is_linear_over_epochs() -> None:
+    assert [warmup_factor(epoch, 4) for epoch in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
+
+
+def test_nan_loss_stops_with_the_step_and_cells_named(datamodule, tmp_path: Path) -> None:
+    poisoned = PerturbationDataModule(datamodule.data, datamodule.split, datamodule.representation,
+                                      datamodule.target, datamodule.library_size * np.nan,
+                                      datamodule.perturbation_genes, datamodule.train_cells)
+    with pytest.raises(TrainingDivergedError, match=r"epoch 1, step 0 .*global step 0.*cell\d+.*train.lr"):
+        Trainer(tiny_config(tmp_path), poisoned, tmp_path).fit()
+
+
+def test_early_stopping_keeps_the_best_weights(datamodule, tmp_path: Path) -> None:
+    scores = iter([0.5, 0.2, 0.1, 0.9])
+    trainer = Trainer(tiny_config(tmp_path, epochs=4, early_stopping_patience=2), datamodule, tmp_path,
+                      validator=lambda module: {"pearson_delta_de": next(scores)})
+    result = trainer.fit()
+    assert result.progress.epochs_done == 3 and result.progress.stopped_early
+    assert result.progress.best_epoch == 1 and result.progress.best_score == 0.5
+    for name, value in result.module.state_dict().items():
+        torch.testing.assert_close(value, result.progress.best_state[name])
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [record["val"]["pearson_delta_de"] for record in log] == [0.5, 0.2, 0.1]
+    assert [record["kl_weight"] for record in log] == [0.0, 0.5, 1.0]
+
+
+def test_bf16_and_gradient_accumulation_train(datamodule, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, epochs=1, mixed_precision="bf16", gradient_accumulation_steps=2)
+    result = Trainer(config, datamodule, tmp_path).fit()
+    assert result.run_info["mixed_precision"] == "bf16" and result.run_info["gradient_accumulation_steps"] == 2
+    assert np.isfinite(json.loads((tmp_path / "log.jsonl").read_text())["loss"])
+
+
+def _comparable_log(run_dir: Path) -> list[dict]:
+    return [{key: value for key, value in json.loads(line).items() if key != "seconds"} for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_an_interrupt_reaches_the_uninterrupted_result(tmp_path: Path, monkeypatch) -> None:
+    straight = train_from_config(tiny_config(tmp_path / "straight", checkpoint_every=2))
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    original = Trainer._train_epoch
+
+    def interrupted(self, module, optimizer, loader, epoch, progress):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return original(self, module, optimizer, loader, epoch, progress)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", interrupted)
+    config = tiny_config(tmp_path / "resumed", checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_from_config(config)
+    assert len(_comparable_log(tmp_path / "resumed")) == 3  # epoch 3 was logged after the last checkpoint
+    monkeypatch.setattr(Trainer, "_train_epoch", original)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = train_from_config(config, resume=True)
+
+    weights, resumed_weights = load_file(straight / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    assert weights.keys() == resumed_weights.keys()
+    for name in weights:
+        torch.testing.assert_close(weights[name], resumed_weights[name], rtol=0, atol=0)
+    assert _comparable_log(straight) == _comparable_log(resumed)
+    assert json.loads((straight / "metrics.json").read_text()) == json.loads((resumed / "metrics.json").read_text())
+
+
+def test_resume_without_checkpoint_is_refused(datamodule, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="checkpoint_every"):
+        Trainer(tiny_config(tmp_path), datamodule, tmp_path).fit(resume=True)
