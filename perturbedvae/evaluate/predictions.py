@@ -61,7 +61,8 @@ class Predictions:
         cells = self.cells
         if cells is not None:
             _check_same_genes(cells.var_names, genes)
-            cells = cells[:, list(genes)]
+            if list(cells.var_names) != list(genes):
+                cells = cells[:, list(genes)].copy()  # once, not a view re-sliced for every condition
         return Predictions(self.means.loc[:, list(genes)], cells)
 
     def to_anndata(self) -> ad.AnnData:
