@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from accelerate import PartialState
+
 from perturbedvae.errors import PerturbedVAEError
 from perturbedvae.train.config import load_config
 from perturbedvae.train.runs import train_from_config
@@ -29,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     except PerturbedVAEError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"run written to {run_dir}")
+    if PartialState().is_main_process:
+        print(f"run written to {run_dir}")
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Mapping
@@ -79,10 +80,14 @@ def make_accelerator(settings: TrainConfig) -> Accelerator:
 
     Accelerate reads the launcher's environment (world size, `ACCELERATE_USE_CPU`, precision) when the
     first Accelerator is made; a bare `PartialState()` made earlier would miss the CPU flag and see one
-    process. Unused-parameter detection is on because a batch without doubles leaves the pairwise term
-    without gradient.
+    process. Several processes on a machine without CUDA can only be CPU processes (gloo), so then CPU
+    is forced even when the launcher did not pass the flag (as with an accelerate config file).
+    Unused-parameter detection is on because a batch without doubles leaves the pairwise term without
+    gradient.
     """
+    launched_on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
+        cpu=launched_on_cpu,
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
