@@ -15,6 +15,8 @@ SHARED = Path(os.environ.get("PERTURBEDVAE_SHARED", REPO.parent / "shared"))
 NORMAN_PATH = SHARED / "data" / "norman2019_subset.h5ad"
 PAPALEXI_PATH = SHARED / "data" / "papalexi2021_lowmoi.h5ad"
 VOCAB_DIR = SHARED / "vocab"
+# Named datasets resolve through the data directory; make that independent of the working directory.
+os.environ.setdefault("PERTURBEDVAE_DATA_DIR", str(SHARED / "data"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,172 @@
+"""The `perturbedvae` command line.
+
+Every subcommand is a thin layer over library functions: parse arguments, load inputs, call, write.
+User mistakes arrive as `PerturbedVAEError` and are printed as one line without a traceback (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from perturbedvae.errors import ConfigError, PerturbedVAEError
+
+
+def _key_values(pairs: Sequence[str]) -> dict[str, str]:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected KEY=VALUE, got {pair!r}")
+        result[key] = value
+    return result
+
+
+def _add_data_options(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+    data_help = "an .h5ad file, or a named dataset (e.g. norman2019_subset)"
+    if positional:
+        parser.add_argument("data", help=data_help)
+    else:
+        parser.add_argument("--data", required=True, help=data_help)
+    group = parser.add_argument_group("reading the data")
+    group.add_argument("--condition-key", default=None, help="obs column with conditions (default: condition)")
+    group.add_argument("--control-label", action="append", default=None, help="label of control cells (repeatable)")
+    group.add_argument("--delimiter", default=None, help="separator of genes in a combination (default: +)")
+    group.add_argument("--obs-filter", nargs="*", default=[], metavar="COLUMN=VALUE", help="keep only matching cells")
+    group.add_argument("--gene-symbol-key", default=None, help="var column with gene symbols")
+    group.add_argument("--min-cells", type=int, default=10, help="warn for conditions with fewer cells")
+
+
+def _load_data(args: argparse.Namespace):
+    from perturbedvae import datasets
+    from perturbedvae.data.loading import load_dataset
+
+    options = {
+        "condition_key": args.condition_key,
+        "control_labels": args.control_label,
+        "delimiter": args.delimiter,
+        "obs_filter": _key_values(args.obs_filter) or None,
+        "gene_symbol_key": args.gene_symbol_key,
+        "min_cells": args.min_cells,
+    }
+    options = {key: value for key, value in options.items() if value is not None}
+    if args.data in datasets.REGISTRY and not Path(args.data).exists():
+        return datasets.load(args.data, **options)
+    return load_dataset(args.data, **options)
+
+
+def _cmd_split(args: argparse.Namespace) -> None:
+    from perturbedvae.data.splits import make_split
+
+    data = _load_data(args)
+    params = _key_values(args.param)
+    if args.column:
+        params["column"] = args.column
+    split = make_split(data, args.scheme, seed=args.seed, **{k: _parse_scalar(v) for k, v in params.items()})
+    split.save(args.out)
+    sizes = ", ".join(f"{name}: {len(conds)}" for name, conds in split.test_subgroups.items())
+    print(f"wrote {args.out}: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test conditions ({sizes})")
+
+
+def _parse_scalar(text: str) -> object:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _evaluate_with_baselines(data, split, model_predictions, out: Path, de_method: str) -> None:
+    from perturbedvae.data.de import compute_de_genes
+    from perturbedvae.evaluate.baselines import predict_baselines
+    from perturbedvae.evaluate.evaluator import Evaluator, compare, write_metrics
+    from perturbedvae.evaluate.report import summary_markdown
+
+    split.check_matches(data)
+    de = compute_de_genes(data, method=de_method)
+    evaluator = Evaluator(data, de, split.test_subgroups)
+    named = dict(model_predictions)
+    named.update(predict_baselines(data, split.train, split.test))
+    results, tidy = compare(evaluator, named)
+    write_metrics(results, tidy, out)
+    print(summary_markdown(tidy))
+    print(f"\nwrote {out / 'metrics.json'} and {out / 'metrics.csv'}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from perturbedvae.data.splits import Split
+    from perturbedvae.evaluate.predictions import Predictions
+
+    data = _load_data(args)
+    split = Split.load(args.split)
+    predictions = Predictions.read_h5ad(args.predictions, data.genes, data.syntax)
+    _evaluate_with_baselines(data, split, {args.name: predictions}, Path(args.out), args.de_method)
+
+
+def _cmd_baselines(args: argparse.Namespace) -> None:
+    from perturbedvae.data.splits import Split
+
+    data = _load_data(args)
+    _evaluate_with_baselines(data, Split.load(args.split), {}, Path(args.out), args.de_method)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from perturbedvae.data.synthetic import simulate_to_file
+
+    overrides = {key: _parse_scalar(value) for key, value in _key_values(args.set).items()}
+    path = simulate_to_file(args.out, overwrite=args.overwrite, **overrides)
+    print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="perturbedvae", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    split = commands.add_parser("split", help="make a train/val/test split and save it as JSON")
+    _add_data_options(split)
+    split.add_argument("--scheme", choices=["gears", "doubles", "custom"], required=True)
+    split.add_argument("--seed", type=int, default=1)
+    split.add_argument("--column", default=None, help="custom scheme: obs column with train/val/test")
+    split.add_argument("--param", nargs="*", default=[], metavar="KEY=VALUE", help="scheme parameters")
+    split.add_argument("--out", required=True)
+    split.set_defaults(func=_cmd_split)
+
+    evaluate = commands.add_parser("evaluate", help="score predictions on a split's test conditions, baselines beside")
+    evaluate.add_argument("--predictions", required=True, help="PRED.h5ad: one row per condition or per cell")
+    evaluate.add_argument("--name", default="model", help="name of the predictions in the tables")
+    evaluate.add_argument("--split", required=True)
+    evaluate.add_argument("--out", required=True)
+    evaluate.add_argument("--de-method", default="t-test", choices=["t-test", "wilcoxon"])
+    _add_data_options(evaluate, positional=False)
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    baselines = commands.add_parser("baselines", help="evaluate the four baselines on a split")
+    _add_data_options(baselines)
+    baselines.add_argument("--split", required=True)
+    baselines.add_argument("--out", required=True)
+    baselines.add_argument("--de-method", default="t-test", choices=["t-test", "wilcoxon"])
+    baselines.set_defaults(func=_cmd_baselines)
+
+    simulate = commands.add_parser("simulate", help="write a synthetic screen with known sparse effects (.h5ad)")
+    simulate.add_argument("--out", required=True)
+    simulate.add_argument("set", nargs="*", metavar="KEY=VALUE", help="SimulationConfig fields, e.g. n_perturbations=50")
+    simulate.add_argument("--overwrite", action="store_true")
+    simulate.set_defaults(func=_cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PerturbedVAEError as error:
+        print(f"perturbedvae {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

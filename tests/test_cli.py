@@ -1,0 +1,64 @@
+import json
+
+import pandas as pd
+import pytest
+
+from perturbedvae.cli import main
+from perturbedvae.evaluate.baselines import additive
+
+
+@pytest.fixture(scope="module")
+def norman_split(tmp_path_factory, norman_path):
+    out = tmp_path_factory.mktemp("split") / "split.json"
+    assert main([
+        "split", str(norman_path), "--obs-filter", "dataset=norman19", "--scheme", "doubles", "--seed", "1", "--out", str(out)
+    ]) == 0
+    return out
+
+
+def test_split_is_written_and_reproducible(norman_split, tmp_path, norman_path):
+    again = tmp_path / "again.json"
+    assert main(["split", "norman2019_subset", "--scheme", "doubles", "--seed", "1", "--out", str(again)]) == 0
+    first, second = json.loads(norman_split.read_text()), json.loads(again.read_text())
+    assert first["test"] == second["test"] and first["test_subgroups"]["combo_seen2"]
+
+
+def test_baselines_command_writes_every_baseline(norman_split, tmp_path, capsys):
+    out = tmp_path / "baselines"
+    assert main(["baselines", "norman2019_subset", "--split", str(norman_split), "--out", str(out)]) == 0
+    tidy = pd.read_csv(out / "metrics.csv")
+    assert set(tidy["model"]) == {"no_change", "train_mean", "additive", "linear"}
+    assert {"pearson_delta_de", "mse_de", "rank", "energy_distance"} <= set(tidy["metric"])
+    assert "| combo_seen2 | additive |" in capsys.readouterr().out
+    results = json.loads((out / "metrics.json").read_text())
+    assert set(results) >= {"additive", "linear"}
+
+
+def test_evaluate_scores_a_prediction_file_beside_baselines(norman_split, norman_data, tmp_path):
+    from perturbedvae.data.splits import Split
+
+    split = Split.load(norman_split)
+    predictions = additive(norman_data, split.train, split.test)
+    path = tmp_path / "pred.h5ad"
+    predictions.write_h5ad(path)
+    out = tmp_path / "eval"
+    assert main([
+        "evaluate", "--predictions", str(path), "--data", "norman2019_subset", "--split", str(norman_split),
+        "--out", str(out), "--name", "mine",
+    ]) == 0
+    tidy = pd.read_csv(out / "metrics.csv")
+    mine = tidy[(tidy.model == "mine") & (tidy.metric == "mse_de")].set_index("condition")["value"]
+    theirs = tidy[(tidy.model == "additive") & (tidy.metric == "mse_de")].set_index("condition")["value"]
+    pd.testing.assert_series_equal(mine.sort_index(), theirs.sort_index(), check_names=False)
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, toy_adata, norman_split):
+    path = tmp_path / "toy.h5ad"
+    toy_adata.write_h5ad(path)
+    assert main(["split", str(path), "--condition-key", "missing", "--scheme", "doubles", "--out", str(tmp_path / "s.json")]) == 2
+    assert "obs has no column 'missing'" in capsys.readouterr().err
+    bad = tmp_path / "pred.h5ad"
+    toy_adata.write_h5ad(bad)
+    assert main(["evaluate", "--predictions", str(bad), "--data", "norman2019_subset", "--split", str(norman_split),
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "genes" in capsys.readouterr().err
