@@ -10,8 +10,8 @@ value `pad_value`), `<pad>` pads. Two deliberate differences: ties between bin e
 
 Architecture (our own module; scGPT's state-dict key names are the contract): `encoder` = gene embedding
 + LayerNorm, `value_encoder` = continuous (Linear-ReLU-Linear-LayerNorm on the bin value, clipped at 512)
-or category (embedding + LayerNorm of the bin), summed, then `transformer_encoder` = PyTorch post-norm
-`TransformerEncoder` layers. Checkpoints trained with flash attention name the fused projection
+or category (embedding + LayerNorm of the bin), summed, then `transformer_encoder.layers` = post-norm
+transformer layers named as PyTorch's `TransformerEncoderLayer` (scGPT's non-flash path). Checkpoints trained with flash attention name the fused projection
 `self_attn.Wqkv`; it is renamed to PyTorch's `self_attn.in_proj_*`. Heads of the checkpoint (decoder,
 mvc_decoder, cls_decoder, ...) are not needed for embeddings and are skipped.
 """
@@ -92,6 +92,38 @@ class ContinuousValueEmbedding(nn.Module):
         return self.dropout(self.norm(self.linear2(hidden)))
 
 
+class PostNormEncoderLayer(nn.Module):
+    """Transformer layer with PyTorch's names and post-norm order: x = norm1(x + attn(x)); x = norm2(x + ffn(x)).
+
+    Written out instead of `nn.TransformerEncoderLayer` because that layer's inference fast path reads
+    `linear1.weight` directly and would silently skip LoRA adapters on the feed-forward layers.
+    """
+
+    def __init__(self, dim: int, heads: int, hidden: int, dropout: float):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(dim, hidden)
+        self.linear2 = nn.Linear(hidden, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        attended = self.self_attn(hidden, hidden, hidden, key_padding_mask=padding_mask, need_weights=False)[0]
+        hidden = self.norm1(hidden + self.dropout(attended))
+        return self.norm2(hidden + self.dropout(self.linear2(self.dropout(torch.relu(self.linear1(hidden))))))
+
+
+class EncoderStack(nn.Module):
+    """Holds the layers under `layers.N`, the key names of PyTorch's TransformerEncoder (and so of scGPT)."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            PostNormEncoderLayer(config.embsize, config.nheads, config.d_hid, config.dropout) for _ in range(config.nlayers)
+        )
+
+
 class ScGPTBackbone(nn.Module):
     """scGPT's encoder path: gene + value embeddings through a post-norm transformer encoder."""
 
@@ -104,8 +136,7 @@ class ScGPTBackbone(nn.Module):
         else:
             # scGPT's category style reserves two ids beyond the bins: pad (n_bins) and mask (n_bins + 1).
             self.value_encoder = GeneTokenEmbedding(config.n_bins + 2, config.embsize)
-        layer = nn.TransformerEncoderLayer(config.embsize, config.nheads, config.d_hid, config.dropout, batch_first=True)
-        self.transformer_encoder = nn.TransformerEncoder(layer, config.nlayers, enable_nested_tensor=False)
+        self.transformer_encoder = EncoderStack(config)
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> list[torch.Tensor]:
         """Hidden states: the input embeddings, then the output of every layer."""
@@ -114,7 +145,7 @@ class ScGPTBackbone(nn.Module):
         hidden = self.encoder(gene_ids) + self.value_encoder(values)
         states = [hidden]
         for block in self.transformer_encoder.layers:
-            hidden = block(hidden, src_key_padding_mask=padding_mask)
+            hidden = block(hidden, padding_mask)
             states.append(hidden)
         return states
 
