@@ -121,6 +121,27 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
+    from perturbedvae.train.config import load_config
+    from perturbedvae.train.runs import train_from_config
+
+    run_dir = train_from_config(load_config(args.config, args.overrides), resume=args.resume)
+    if PartialState().is_main_process:
+        print(f"run written to {run_dir}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from perturbedvae.train.runs import predict_conditions
+
+    conditions = [text.strip() for text in args.conditions.split(",")]
+    predictions = predict_conditions(args.run_dir, conditions, per_cell=args.per_cell)
+    predictions.write_h5ad(args.out)
+    rows = "cells" if args.per_cell else "conditions"
+    print(f"wrote {args.out}: predictions for {len(predictions.conditions)} conditions (one row per {rows[:-1]})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perturbedvae", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     baselines.add_argument("--out", required=True)
     baselines.add_argument("--de-method", default="t-test", choices=["t-test", "wilcoxon"])
     baselines.set_defaults(func=_cmd_baselines)
+
+    train = commands.add_parser("train", help="train PerturbedVAE from a YAML config (also under accelerate launch)")
+    train.add_argument("--config", required=True, help="YAML experiment config, e.g. configs/norman_subset.yaml")
+    train.add_argument("--resume", action="store_true", help="continue output.run_dir from its last checkpoint")
+    train.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. model.n_latent=16 train.epochs=3")
+    train.set_defaults(func=_cmd_train)
+
+    predict = commands.add_parser("predict", help="predict conditions with a trained run; writes AnnData")
+    predict.add_argument("run_dir")
+    predict.add_argument("--conditions", required=True, help='comma-separated, e.g. "KLF1+MAP2K6,MAPK1"')
+    predict.add_argument("--out", required=True, help="PRED.h5ad")
+    predict.add_argument("--per-cell", action="store_true", help="one row per predicted cell instead of per condition")
+    predict.set_defaults(func=_cmd_predict)
 
     simulate = commands.add_parser("simulate", help="write a synthetic screen with known sparse effects (.h5ad)")
     simulate.add_argument("--out", required=True)

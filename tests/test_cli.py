@@ -62,3 +62,20 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, toy_adata, norman_sp
     assert main(["evaluate", "--predictions", str(bad), "--data", "norman2019_subset", "--split", str(norman_split),
                  "--out", str(tmp_path / "e")]) == 2
     assert "genes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_then_predict_from_the_command_line(tmp_path, capsys):
+    from tests.conftest import REPO
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(REPO / "configs" / "synthetic_tiny.yaml"), f"output.run_dir={run_dir}",
+                 "train.epochs=1"]) == 0
+    test = json.loads((run_dir / "split.json").read_text())["test"]
+    out = tmp_path / "pred.h5ad"
+    assert main(["predict", str(run_dir), "--conditions", ",".join(test[:2]), "--out", str(out)]) == 0
+    import anndata as ad
+
+    assert ad.read_h5ad(out).n_obs == 2
+    assert main(["predict", str(run_dir), "--conditions", "NOTAGENE", "--out", str(tmp_path / "x.h5ad")]) == 2
+    assert "unknown gene" in capsys.readouterr().err
