@@ -80,17 +80,11 @@ def _parse_scalar(text: str) -> object:
 
 
 def _evaluate_with_baselines(data, split, model_predictions, out: Path, de_method: str) -> None:
-    from perturbedvae.data.de import compute_de_genes
-    from perturbedvae.evaluate.baselines import predict_baselines
-    from perturbedvae.evaluate.evaluator import Evaluator, compare, write_metrics
+    from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
+    from perturbedvae.evaluate.evaluator import write_metrics
     from perturbedvae.evaluate.report import summary_markdown
 
-    split.check_matches(data)
-    de = compute_de_genes(data, method=de_method)
-    evaluator = Evaluator(data, de, split.test_subgroups)
-    named = dict(model_predictions)
-    named.update(predict_baselines(data, split.train, split.test))
-    results, tidy = compare(evaluator, named)
+    results, tidy = evaluate_beside_baselines(data, split, model_predictions, de_method)
     write_metrics(results, tidy, out)
     print(summary_markdown(tidy))
     print(f"\nwrote {out / 'metrics.json'} and {out / 'metrics.csv'}")

@@ -85,13 +85,26 @@ def make_accelerator(settings: TrainConfig) -> Accelerator:
     Unused-parameter detection is on because a batch without doubles leaves the pairwise term without
     gradient.
     """
-    launched_on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    launched_on_cpu = not torch.cuda.is_available() and world_size > 1
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        _share_cpu_threads(world_size)
     return Accelerator(
         cpu=launched_on_cpu,
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+
+
+def _share_cpu_threads(world_size: int) -> None:
+    """Give each CPU process its share of the cores.
+
+    When intra-op threads outnumber free cores they spin against each other: on a loaded 2-core
+    machine one small training step took 1.7 s with 2 threads and 10 ms with 1. `OMP_NUM_THREADS`,
+    when set, wins.
+    """
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
 
 def warmup_factor(epoch: int, warmup_epochs: int) -> float:
