@@ -3,6 +3,11 @@
 An encoder turns an AnnData into per-cell model inputs once (`prepare`: tokenization, gene mapping) and
 maps a batch of those inputs to cell embeddings (`embed`). The head only ever sees the embeddings, so a
 frozen encoder can run once into a cache, and a LoRA-adapted one can run inside every training step.
+
+Attributes added outside the protocol (so hand-written encoders need not define them):
+`load_encoder` sets `card` (the validated AdapterCard) and `fingerprint` (hash of card, vocabulary and
+checkpoint files; the embedding cache requires it), and `apply_lora` sets `peft_model`. Encoders with
+weights are returned in eval mode; a trainer fine-tuning one calls `trainable_module().train()`.
 """
 
 from __future__ import annotations

@@ -92,10 +92,11 @@ class RankValueTokenizer:
         Raises:
             DataError: when a cell expresses none of the readable genes (its sequence would be empty).
         """
-        columns = np.array([index for index, gene in enumerate(genes) if self.key_of(gene) is not None], dtype=np.int64)
-        if columns.size == 0:
+        readable = [(index, key) for index, key in enumerate(map(self.key_of, genes)) if key is not None]
+        if not readable:
             raise DataError("no gene of the data is in the encoder vocabulary; check gene naming (symbols vs Ensembl ids)")
-        keys = [self.key_of(genes[index]) for index in columns]
+        columns = np.array([index for index, _ in readable], dtype=np.int64)
+        keys = [key for _, key in readable]
         tokens = np.array([self.token_of[key] for key in keys], dtype=np.int64)
         scale = 1.0 / np.array([self.median_of[key] for key in keys]) if self.median_of is not None else np.ones(len(keys))
         max_genes = self.max_length - self.n_special

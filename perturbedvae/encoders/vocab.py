@@ -1,8 +1,8 @@
 """Reading vocabulary files safely, and reporting how much of a dataset a vocabulary covers.
 
 Geneformer ships its dictionaries as Python pickles. Unpickling runs code, so a pickle is read only
-from a path the user named (an adapter card or its vocabulary directory), and every read says so in a
-warning. JSON vocabularies (scGPT, user mappings) carry no such risk.
+from a path the user named (an adapter card or its vocabulary directory), and the first read of each
+file in a process says so in a warning (reads are cached). JSON vocabularies (scGPT, user mappings) carry no such risk.
 """
 
 from __future__ import annotations
