@@ -145,6 +145,13 @@ class RankValueTokenizer:
         }
 
 
+def check_layer(name: str, layer: int, n_layers: int) -> None:
+    """Raise unless `layer` indexes the n_layers + 1 hidden states (embeddings, then every layer)."""
+    n_states = n_layers + 1
+    if not -n_states <= layer < n_states:
+        raise ConfigError(f"{name}: layer {layer} does not exist; the model has {n_states} hidden states (embeddings + {n_layers} layers)")
+
+
 def pool_tokens(hidden: torch.Tensor, gene_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """Cell embedding from token outputs: mean over gene tokens (specials and padding excluded) or the first token."""
     if pooling == "cls":
@@ -161,9 +168,7 @@ class RankValueTransformerEncoder:
     """
 
     def __init__(self, name: str, tokenizer: RankValueTokenizer, model: torch.nn.Module, pooling: str = "mean", layer: int = -1):
-        n_states = model.config.num_hidden_layers + 1
-        if not -n_states <= layer < n_states:
-            raise ConfigError(f"{name}: layer {layer} does not exist; the model has {n_states} hidden states (embeddings + {n_states - 1} layers)")
+        check_layer(name, layer, model.config.num_hidden_layers)
         if pooling == "cls" and tokenizer.cls_id is None:
             raise ConfigError(f"{name}: pooling 'cls' needs a <cls> token; this vocabulary has none, use pooling: mean")
         self.name = name

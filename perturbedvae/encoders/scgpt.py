@@ -32,7 +32,7 @@ from torch import nn
 
 from perturbedvae.encoders.base import GeneCoverage
 from perturbedvae.encoders.cards import AdapterCard
-from perturbedvae.encoders.rank_value import pool_tokens
+from perturbedvae.encoders.rank_value import check_layer, pool_tokens
 from perturbedvae.encoders.vocab import load_json_dictionary, measure_coverage
 from perturbedvae.errors import CheckpointError, ConfigError
 
@@ -161,9 +161,7 @@ class ScGPTEncoder:
 
     def __init__(self, name: str, vocab: Mapping[str, int], model: ScGPTBackbone, max_length: int = 1200,
                  pooling: str = "cls", layer: int = -1):
-        n_states = model.config.nlayers + 1
-        if not -n_states <= layer < n_states:
-            raise ConfigError(f"{name}: layer {layer} does not exist; the model has {n_states} hidden states")
+        check_layer(name, layer, model.config.nlayers)
         self.name = name
         self.vocab = vocab
         self.model = model

@@ -25,9 +25,16 @@ REPRESENTATIONS = ("log_normalized", "pca")
 
 
 class _FeatureEncoder:
-    """Shared behaviour of encoders whose `prepare` already yields the embedding."""
+    """Shared behaviour of encoders whose `prepare` already yields the embedding (its width is known once read)."""
 
     name: str
+    _hidden_size: int | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        if self._hidden_size is None:
+            raise ConfigError(f"{self.name}: the embedding size is known after prepare(adata) has read the data")
+        return self._hidden_size
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch[FEATURES]
@@ -45,13 +52,6 @@ class PrecomputedEncoder(_FeatureEncoder):
     def __init__(self, name: str, obsm_key: str):
         self.name = name
         self.obsm_key = obsm_key
-        self._hidden_size: int | None = None
-
-    @property
-    def hidden_size(self) -> int:
-        if self._hidden_size is None:
-            raise ConfigError(f"{self.name}: the embedding size is known after prepare(adata) has read obsm[{self.obsm_key!r}]")
-        return self._hidden_size
 
     def prepare(self, adata: ad.AnnData) -> dict[str, torch.Tensor]:
         if self.obsm_key not in adata.obsm:
@@ -79,13 +79,7 @@ class ExpressionEncoder(_FeatureEncoder):
         self.name = name
         self.representation = representation
         self.n_components = n_components
-        self._hidden_size: int | None = n_components if representation == "pca" else None
-
-    @property
-    def hidden_size(self) -> int:
-        if self._hidden_size is None:
-            raise ConfigError(f"{self.name}: the embedding size (number of genes) is known after prepare(adata)")
-        return self._hidden_size
+        self._hidden_size = n_components if representation == "pca" else None
 
     def prepare(self, adata: ad.AnnData) -> dict[str, torch.Tensor]:
         matrix = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
