@@ -120,7 +120,7 @@ class PerturbedVAEModule(nn.Module):
             alignment = alignment_penalty(inference.qz_mean, is_control=perturbations.ne(0).sum(dim=1) == 0)
         else:
             alignment = kl.new_zeros(())
-        sparsity = effect.sparsity.mean()
+        sparsity = effect.sparsity
         dag = self.effects.dag_penalty()
         total = (
             reconstruction

@@ -1,0 +1,345 @@
+"""The PerturbedVAE module: shapes, loss, masks, composition of combinations, alignment, DAG, NB scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perturbedvae.errors import ConfigError, DataError
+from perturbedvae.model import LossWeights, PerturbedVAEConfig, PerturbedVAEModule
+from perturbedvae.model.alignment import alignment_penalty, gaussian_mmd
+from perturbedvae.model.likelihoods import NORMALIZATION_TARGET
+
+N_GENES = 12
+N_PERTURBATIONS = 4
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run ~20x faster on one thread than with two threads fighting other processes."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_config(**overrides) -> PerturbedVAEConfig:
+    values = dict(
+        n_input=N_GENES,
+        n_genes=N_GENES,
+        n_perturbations=N_PERTURBATIONS,
+        n_latent=6,
+        n_hidden=32,
+        n_layers=1,
+        dropout=0.0,
+    )
+    values.update(overrides)
+    return PerturbedVAEConfig(**values)
+
+
+def multi_hot(*gene_sets: tuple[int, ...], n: int = N_PERTURBATIONS) -> torch.Tensor:
+    rows = torch.zeros(len(gene_sets), n)
+    for row, genes in enumerate(gene_sets):
+        rows[row, list(genes)] = 1.0
+    return rows
+
+
+def train(module: PerturbedVAEModule, batch: dict[str, torch.Tensor], steps: int, warmup: int) -> None:
+    """Adam with the KL and sparsity weights ramped up linearly, as the trainer does."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=2e-2)
+    for step in range(steps):
+        ramp = min(1.0, step / warmup)
+        optimizer.zero_grad()
+        module.loss(batch, LossWeights(kl=ramp, sparsity=ramp)).loss.backward()
+        optimizer.step()
+
+
+def synthetic_batch(likelihood: str, seed: int = 0, cells_per_condition: int = 16) -> dict[str, torch.Tensor]:
+    """Controls, singles of genes 0..3 and the double 0+1; gene g raises output genes 3g..3g+2."""
+    generator = torch.Generator().manual_seed(seed)
+    conditions = [(), (0,), (1,), (2,), (3,), (0, 1)]
+    perturbations = multi_hot(*[genes for genes in conditions for _ in range(cells_per_condition)])
+    base_rate = torch.linspace(1.0, 3.0, N_GENES)
+    log_fold = torch.zeros(N_PERTURBATIONS, N_GENES)
+    for gene in range(N_PERTURBATIONS):
+        log_fold[gene, 3 * gene : 3 * gene + 3] = 1.0
+    rates = base_rate * torch.exp(perturbations @ log_fold) * 5.0
+    counts = torch.poisson(rates, generator=generator)
+    log_normalized = torch.log1p(counts / counts.sum(1, keepdim=True).clamp_min(1.0) * NORMALIZATION_TARGET)
+    x = counts if likelihood == "nb" else log_normalized
+    return {"h": log_normalized, "x": x, "perturbations": perturbations, "library_size": counts.sum(1)}
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "nb"])
+def test_shapes_for_both_likelihoods(likelihood):
+    config = tiny_config(likelihood=likelihood)
+    module = PerturbedVAEModule(config)
+    batch = synthetic_batch(likelihood)
+    n_cells = batch["h"].shape[0]
+
+    inference = module.inference(batch["h"])
+    assert inference.z.shape == inference.qz_mean.shape == inference.qz_logvar.shape == (n_cells, config.n_latent)
+    effect = module.perturbation_effect(batch["perturbations"])
+    assert effect.z_p.shape == (n_cells, config.n_latent)
+    assert effect.masks.shape == (N_PERTURBATIONS, config.n_latent)  # every gene occurs in the batch
+    generative = module.generative(inference.z + effect.z_p, batch["library_size"])
+    assert generative.mean.shape == (n_cells, N_GENES)
+    assert generative.log_prob(batch["x"]).shape == (n_cells, N_GENES)
+
+    output = module(batch)
+    assert output.loss.dim() == 0
+    assert set(output.parts) == {"reconstruction", "kl", "alignment", "sparsity", "dag"}
+    assert module.predict(batch["h"][:5], batch["perturbations"][:5]).shape == (5, N_GENES)
+    assert module.mask_probabilities().shape == module.effect_vectors().shape == (N_PERTURBATIONS, config.n_latent)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "nb"])
+def test_loss_is_finite_and_decreases(likelihood):
+    torch.manual_seed(0)
+    module = PerturbedVAEModule(tiny_config(likelihood=likelihood))
+    batch = synthetic_batch(likelihood)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        output = module.loss(batch, LossWeights(kl=0.5))
+        assert torch.isfinite(output.loss)
+        assert all(torch.isfinite(part) for part in output.parts.values())
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+        losses.append(output.loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.95 * first, (first, last)
+    assert losses[-1] < losses[0]
+
+
+def test_loss_without_library_size_uses_counts_total():
+    module = PerturbedVAEModule(tiny_config(likelihood="nb")).eval()
+    batch = synthetic_batch("nb")
+    with_library = module.loss(batch).parts["reconstruction"]
+    without = module.loss({key: value for key, value in batch.items() if key != "library_size"}).parts["reconstruction"]
+    torch.testing.assert_close(with_library, without)
+
+
+def test_training_learns_the_perturbation_effects():
+    """After training, the predicted change of each single and of the double follows the observed change."""
+    torch.manual_seed(0)
+    module = PerturbedVAEModule(tiny_config())
+    batch = synthetic_batch("gaussian")
+    train(module, batch, steps=600, warmup=300)
+    perturbations, x = batch["perturbations"], batch["x"]
+    is_control = perturbations.sum(1) == 0
+    control = batch["h"][is_control]
+    baseline = module.predict(control, multi_hot(())).mean(0)
+    for genes in [(0,), (1,), (2,), (3,), (0, 1)]:
+        cells = (perturbations == multi_hot(genes)).all(1)
+        observed = x[cells].mean(0) - x[is_control].mean(0)
+        predicted = module.predict(control, multi_hot(genes)).mean(0) - baseline
+        correlation = torch.corrcoef(torch.stack([observed, predicted]))[0, 1]
+        assert correlation > 0.9, (genes, correlation)
+
+
+def _train_on_shuffled_labels(sparsity_weight: float) -> torch.Tensor:
+    torch.manual_seed(0)
+    module = PerturbedVAEModule(tiny_config(mask_prior_prob=0.1))
+    batch = synthetic_batch("gaussian")
+    batch["perturbations"] = batch["perturbations"][torch.randperm(batch["perturbations"].shape[0])]
+    optimizer = torch.optim.Adam(module.parameters(), lr=2e-2)
+    for _ in range(600):
+        optimizer.zero_grad()
+        module.loss(batch, LossWeights(sparsity=sparsity_weight)).loss.backward()
+        optimizer.step()
+    return module.mask_probabilities().detach()
+
+
+def test_sparsity_prior_switches_off_masks_of_perturbations_without_effect():
+    """Shuffled labels carry no signal: the prior pulls keep-probabilities to 0.1; without it they stay open."""
+    pruned = _train_on_shuffled_labels(sparsity_weight=5.0)
+    unpenalised = _train_on_shuffled_labels(sparsity_weight=0.0)
+    assert pruned.mean() < 0.2
+    assert (pruned > 0.5).float().mean() < 0.1
+    assert unpenalised.mean() > 0.5
+
+
+@pytest.mark.parametrize("eval_mask", ["threshold", "expected"])
+def test_masks_are_deterministic_in_eval_and_random_in_training(eval_mask):
+    module = PerturbedVAEModule(tiny_config(eval_mask=eval_mask))
+    perturbations = multi_hot((0,), (1, 2), (3,))
+    module.train()
+    draws = [module.perturbation_effect(perturbations).masks for _ in range(5)]
+    assert any(not torch.equal(draws[0], other) for other in draws[1:])
+    module.eval()
+    first, second = module.perturbation_effect(perturbations), module.perturbation_effect(perturbations)
+    torch.testing.assert_close(first.z_p, second.z_p, rtol=0, atol=0)
+    keep = module.mask_probabilities()
+    expected = (keep > 0.5).float() if eval_mask == "threshold" else keep
+    torch.testing.assert_close(first.masks, expected[first.gene_index])
+
+
+def test_predict_is_deterministic_and_restores_training_mode():
+    module = PerturbedVAEModule(tiny_config(dropout=0.3)).train()
+    batch = synthetic_batch("gaussian")
+    first = module.predict(batch["h"][:8], multi_hot((1,)))
+    second = module.predict(batch["h"][:8], multi_hot((1,)))
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert module.training
+
+
+def _randomise(module: PerturbedVAEModule) -> None:
+    """Give the causal DAG and the interaction output non-zero weights, as training would."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        if module.effects.causal is not None:
+            module.effects.causal.weight.copy_(torch.randn(module.effects.causal.weight.shape, generator=generator))
+        if module.effects.interaction is not None:
+            weight = module.effects.interaction.output.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator))
+        module.effects.logit_table.copy_(torch.randn(module.effects.logit_table.shape, generator=generator) * 3)
+        module.effects.effect_table.copy_(torch.randn(module.effects.effect_table.shape, generator=generator))
+
+
+def test_combination_is_sum_of_singles_without_causal_layer():
+    module = PerturbedVAEModule(tiny_config(causal_layer=False, pairwise_interaction=False)).eval()
+    _randomise(module)
+    effect = module.perturbation_effect(multi_hot((0,), (1,), (0, 1), (0, 1, 3), (3,)))
+    single_a, single_b, double, triple, single_d = effect.z_p
+    assert single_a.abs().sum() > 0 and single_b.abs().sum() > 0
+    torch.testing.assert_close(double, single_a + single_b)
+    torch.testing.assert_close(triple, single_a + single_b + single_d)
+    torch.testing.assert_close(effect.z_p[:2], module.effect_vectors()[:2])
+
+
+def test_combination_with_causal_layer_and_interaction_is_the_documented_function():
+    """u(A+B) = (s_A + s_B + W((V a_A) ⊙ (V a_B))) (I − A)⁻¹, and singles are s (I − A)⁻¹."""
+    module = PerturbedVAEModule(tiny_config()).eval()
+    _randomise(module)
+    effect = module.perturbation_effect(multi_hot((0,), (1,), (0, 1)))
+    single_a, single_b, double = effect.z_p
+    masked = module.effect_vectors()
+    mixing = torch.linalg.inv(torch.eye(6) - module.dag_matrix())
+    interaction = module.effects.interaction
+    pairwise = interaction.output(interaction.project(masked[0]) * interaction.project(masked[1]))
+
+    torch.testing.assert_close(single_a, masked[0] @ mixing)
+    torch.testing.assert_close(single_b, masked[1] @ mixing)
+    torch.testing.assert_close(double, (masked[0] + masked[1] + pairwise) @ mixing)
+    assert (double - single_a - single_b).abs().max() > 1e-3  # the interaction really is non-additive
+
+
+def test_interaction_sums_over_all_pairs_of_a_triple():
+    module = PerturbedVAEModule(tiny_config(causal_layer=False)).eval()
+    _randomise(module)
+    triple = module.perturbation_effect(multi_hot((0, 1, 2))).z_p[0]
+    masked = module.effect_vectors()
+    interaction = module.effects.interaction
+    projected = interaction.project(masked)
+    pairs = sum(interaction.output(projected[i] * projected[j]) for i, j in [(0, 1), (0, 2), (1, 2)])
+    torch.testing.assert_close(triple, masked[0] + masked[1] + masked[2] + pairs)
+
+
+def test_untrained_interaction_keeps_combinations_additive():
+    module = PerturbedVAEModule(tiny_config(causal_layer=False)).eval()
+    single_a, single_b, double = module.perturbation_effect(multi_hot((0,), (1,), (0, 1))).z_p
+    torch.testing.assert_close(double, single_a + single_b)
+
+
+def test_dag_matrix_is_strictly_upper_triangular_and_only_upper_weights_learn():
+    module = PerturbedVAEModule(tiny_config())
+    _randomise(module)
+    dag = module.dag_matrix()
+    assert torch.equal(dag.tril(), torch.zeros_like(dag))
+    assert dag.triu(1).abs().sum() > 0
+    batch = synthetic_batch("gaussian")
+    module.loss(batch, LossWeights(dag=1.0)).loss.backward()
+    gradient = module.effects.causal.weight.grad
+    assert torch.equal(gradient.tril(), torch.zeros_like(gradient))
+    assert gradient.triu(1).abs().sum() > 0
+    torch.testing.assert_close(module.loss(batch).parts["dag"], dag.abs().sum().detach())
+    assert PerturbedVAEModule(tiny_config(causal_layer=False)).dag_matrix() is None
+
+
+def test_alignment_is_zero_for_identical_groups_and_grows_with_shift():
+    generator = torch.Generator().manual_seed(0)
+    control = torch.randn(64, 8, generator=generator)
+    same_distribution = torch.randn(64, 8, generator=generator)
+    assert gaussian_mmd(control, control).abs() < 1e-6
+    near = gaussian_mmd(control, same_distribution)
+    shifted = gaussian_mmd(control, same_distribution + 1.0)
+    far = gaussian_mmd(control, same_distribution + 3.0)
+    assert near < 0.05
+    assert shifted > 5 * near
+    assert far > shifted
+
+
+def test_alignment_penalty_needs_both_groups():
+    z = torch.randn(10, 4, requires_grad=True)
+    only_controls = alignment_penalty(z, torch.ones(10, dtype=torch.bool))
+    assert only_controls.item() == 0.0
+    only_controls.backward()  # still part of the graph, so DDP sees every parameter used
+    mixed = alignment_penalty(z + torch.arange(10.0).unsqueeze(1), torch.arange(10) < 5)
+    assert mixed > 0
+
+
+def test_loss_alignment_part_depends_on_batch_composition():
+    module = PerturbedVAEModule(tiny_config()).eval()
+    batch = synthetic_batch("gaussian")
+    controls = batch["perturbations"].sum(1) == 0
+    control_batch = {key: value[controls] for key, value in batch.items()}
+    assert module.loss(control_batch).parts["alignment"] == 0
+    assert module.loss(batch).parts["alignment"] > 0
+    assert PerturbedVAEModule(tiny_config(alignment="none")).loss(batch).parts["alignment"] == 0
+
+
+def test_nb_predict_is_on_the_log_normalized_scale():
+    module = PerturbedVAEModule(tiny_config(likelihood="nb"))
+    batch = synthetic_batch("nb")
+    predicted = module.predict(batch["h"][:6], batch["perturbations"][:6])
+    module.eval()
+    z = module.inference(batch["h"][:6]).qz_mean + module.perturbation_effect(batch["perturbations"][:6]).z_p
+    rate = torch.softmax(module.likelihood_head.rate_logits(module.decoder(z)), dim=-1)
+    torch.testing.assert_close(predicted, torch.log1p(NORMALIZATION_TARGET * rate))
+    torch.testing.assert_close(torch.expm1(predicted).sum(1), torch.full((6,), NORMALIZATION_TARGET))
+    with_library = module.predict(batch["h"][:6], batch["perturbations"][:6], batch["library_size"][:6])
+    torch.testing.assert_close(predicted, with_library)
+
+
+def test_predict_broadcasts_one_condition_and_rejects_bad_shapes():
+    module = PerturbedVAEModule(tiny_config())
+    h = synthetic_batch("gaussian")["h"][:7]
+    one_row = module.predict(h, multi_hot((2,))[0])
+    torch.testing.assert_close(one_row, module.predict(h, multi_hot(*[(2,)] * 7)))
+    with pytest.raises(DataError, match="perturbation rows"):
+        module.predict(h, multi_hot((1,), (2,)))
+    with pytest.raises(DataError, match="n_input"):
+        module.predict(h[:, :5], multi_hot((1,)))
+    with pytest.raises(DataError, match="n_perturbations"):
+        module.predict(h, torch.zeros(7, N_PERTURBATIONS + 1))
+    with pytest.raises(DataError, match="'x'"):
+        module.loss({"h": h, "perturbations": multi_hot(*[()] * 7)})
+
+
+def test_gene_features_make_an_unseen_gene_predictable():
+    """Gene 3 never occurs in training; its features resemble gene 2's, so it inherits a similar effect."""
+    torch.manual_seed(0)
+    features = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0.9, 0.1]])
+    config = tiny_config(gene_feature_dim=4)
+    module = PerturbedVAEModule(config, gene_features=features)
+    batch = synthetic_batch("gaussian")
+    seen = batch["perturbations"][:, 3] == 0
+    batch = {key: value[seen] for key, value in batch.items()}
+    train(module, batch, steps=600, warmup=300)
+    assert module.effect_vectors()[3].abs().sum() > 0
+    control = batch["h"][batch["perturbations"].sum(1) == 0]
+    baseline = module.predict(control, multi_hot(())).mean(0)
+    unseen_delta = module.predict(control, multi_hot((3,))).mean(0) - baseline
+    assert unseen_delta.abs().max() > 0.1
+    assert unseen_delta[6:9].mean() > unseen_delta[:6].abs().mean()  # the genes gene 2 moves
+
+
+def test_gene_features_must_match_the_config():
+    with pytest.raises(ConfigError, match="gene_features"):
+        PerturbedVAEModule(tiny_config(gene_feature_dim=4))
+    with pytest.raises(ConfigError, match="shape"):
+        PerturbedVAEModule(tiny_config(gene_feature_dim=4), gene_features=torch.zeros(3, 4))
+    with pytest.raises(ConfigError, match="gene_feature_dim"):
+        PerturbedVAEModule(tiny_config(), gene_features=torch.zeros(N_PERTURBATIONS, 4))
