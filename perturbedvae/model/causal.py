@@ -40,11 +40,14 @@ class LatentCausalLayer(nn.Module):
         return self.weight * self.strictly_upper
 
     def forward(self, shift: torch.Tensor) -> torch.Tensor:
-        identity = torch.eye(shift.shape[-1], dtype=shift.dtype, device=shift.device)
-        # Solves u (I − A) = s for u; I − A is unit upper triangular.
-        return torch.linalg.solve_triangular(
-            identity - self.adjacency(), shift, upper=True, left=False, unitriangular=True
+        adjacency = self.adjacency()
+        identity = torch.eye(shift.shape[-1], dtype=adjacency.dtype, device=adjacency.device)
+        # Solves u (I − A) = s for u (I − A is unit upper triangular), in the weights' precision because
+        # triangular solves have no half-precision kernels under autocast.
+        mixed = torch.linalg.solve_triangular(
+            identity - adjacency, shift.to(adjacency.dtype), upper=True, left=False, unitriangular=True
         )
+        return mixed.to(shift.dtype)
 
     def l1_penalty(self) -> torch.Tensor:
         return self.adjacency().abs().sum()

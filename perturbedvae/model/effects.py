@@ -118,7 +118,7 @@ class PerturbationEffects(nn.Module):
             z_p = z_p + self.interaction(weights, masked_effects)
         if self.causal is not None:
             z_p = self.causal(z_p)
-        sparsity = self.mask.kl_to_prior(logits, self.config.mask_prior_prob).sum() / perturbations.shape[0]
+        sparsity = self.mask.kl_to_prior(logits.float(), self.config.mask_prior_prob).sum() / perturbations.shape[0]
         return PerturbationOutput(z_p=z_p, shift=shift, gene_index=gene_index, masks=masks, sparsity=sparsity)
 
     def keep_probabilities(self) -> torch.Tensor:

@@ -114,10 +114,12 @@ class PerturbedVAEModule(nn.Module):
         effect = self.perturbation_effect(perturbations)
         generative = self.generative(inference.z + effect.z_p, library_size)
 
+        # Penalties in float32 even under mixed-precision autocast: they are sums of many small terms.
+        qz_mean, qz_logvar = inference.qz_mean.float(), inference.qz_logvar.float()
         reconstruction = -generative.log_prob(x).sum(dim=-1).mean()
-        kl = _standard_normal_kl(inference.qz_mean, inference.qz_logvar).sum(dim=-1).mean()
+        kl = _standard_normal_kl(qz_mean, qz_logvar).sum(dim=-1).mean()
         if self.config.alignment == "mmd":
-            alignment = alignment_penalty(inference.qz_mean, is_control=perturbations.ne(0).sum(dim=1) == 0)
+            alignment = alignment_penalty(qz_mean, is_control=perturbations.ne(0).sum(dim=1) == 0)
         else:
             alignment = kl.new_zeros(())
         sparsity = effect.sparsity

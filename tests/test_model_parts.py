@@ -1,0 +1,173 @@
+"""Building blocks of the head: relaxed masks, likelihoods, the causal layer and the config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from perturbedvae.errors import ConfigError
+from perturbedvae.model import PerturbedVAEConfig
+from perturbedvae.model.causal import LatentCausalLayer
+from perturbedvae.model.likelihoods import (
+    GaussianHead,
+    NegativeBinomialHead,
+    gaussian_log_prob,
+    negative_binomial_log_prob,
+)
+from perturbedvae.model.masks import GumbelBernoulliMask, HardConcreteMask, make_mask
+
+MASK_KINDS = ["hard_concrete", "gumbel"]
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_sampled_masks_are_non_zero_with_the_stated_keep_probability(kind):
+    """Monte Carlo check of the closed-form P(mask > 0), including the hard concrete stretch offset."""
+    torch.manual_seed(0)
+    mask = make_mask(kind, temperature=0.5)
+    logits = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0])
+    draws = mask.sample(logits.expand(20000, -1))
+    assert draws.min() >= 0 and draws.max() <= 1
+    torch.testing.assert_close((draws > 0).float().mean(0), mask.keep_probability(logits), atol=0.015, rtol=0)
+
+
+def test_hard_concrete_puts_mass_exactly_on_zero_and_one_and_gumbel_is_binary_forward():
+    torch.manual_seed(0)
+    hard_concrete = HardConcreteMask(0.5).sample(torch.zeros(10000))
+    assert (hard_concrete == 0).any() and (hard_concrete == 1).any()
+    assert ((hard_concrete > 0) & (hard_concrete < 1)).any()
+    gumbel = GumbelBernoulliMask(0.5).sample(torch.zeros(10000))
+    assert torch.minimum(gumbel, 1 - gumbel).abs().max() < 1e-6  # binary up to straight-through rounding
+    assert 0.4 < gumbel.mean() < 0.6
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_samples_carry_gradient_to_the_logits(kind):
+    logits = torch.zeros(50, requires_grad=True)
+    make_mask(kind, 0.5).sample(logits).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("prior", [0.05, 0.3])
+def test_kl_to_prior_is_the_bernoulli_kl_and_minimal_at_the_prior(kind, prior):
+    mask = make_mask(kind, 0.7)
+    probability = torch.linspace(0.005, 0.995, 199)
+    logits = torch.tensor([mask.logits_for(p) for p in probability.tolist()])
+    kl = mask.kl_to_prior(logits, prior)
+    closed_form = probability * torch.log(probability / prior) + (1 - probability) * torch.log(
+        (1 - probability) / (1 - prior)
+    )
+    torch.testing.assert_close(kl, closed_form, rtol=1e-4, atol=1e-5)
+    assert probability[kl.argmin()].item() == pytest.approx(prior, abs=0.005)
+    at_prior = torch.tensor(mask.logits_for(prior), requires_grad=True)
+    mask.kl_to_prior(at_prior, prior).backward()
+    assert abs(at_prior.grad.item()) < 1e-5
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_logits_for_inverts_keep_probability(kind):
+    mask = make_mask(kind, 0.3)
+    for probability in (0.01, 0.5, 0.9):
+        assert mask.keep_probability(torch.tensor(mask.logits_for(probability))).item() == pytest.approx(probability)
+
+
+def test_deterministic_masks():
+    mask = HardConcreteMask(0.5)
+    logits = torch.tensor([mask.logits_for(0.2), mask.logits_for(0.8)])
+    assert mask.deterministic(logits, "threshold").tolist() == [0.0, 1.0]
+    torch.testing.assert_close(mask.deterministic(logits, "expected"), torch.tensor([0.2, 0.8]))
+    with pytest.raises(ConfigError, match="eval_mask"):
+        mask.deterministic(logits, "median")
+    with pytest.raises(ConfigError, match="mask_kind"):
+        make_mask("bernoulli", 0.5)
+
+
+def test_negative_binomial_log_prob_matches_torch_distributions():
+    mean = torch.tensor([0.5, 3.0, 40.0, 200.0])
+    theta = torch.tensor([0.3, 2.0, 10.0, 50.0])
+    counts = torch.tensor([0.0, 4.0, 31.0, 250.0])
+    # torch parameterises NB by failures r = θ and success probability μ / (μ + θ).
+    reference = torch.distributions.NegativeBinomial(total_count=theta, logits=torch.log(mean) - torch.log(theta))
+    torch.testing.assert_close(negative_binomial_log_prob(counts, mean, theta), reference.log_prob(counts), rtol=1e-4, atol=1e-4)
+
+
+def test_gaussian_log_prob_matches_torch_distributions():
+    x, mean, log_variance = torch.tensor([0.0, 2.5]), torch.tensor([1.0, 2.0]), torch.tensor([0.3, -1.0])
+    reference = torch.distributions.Normal(mean, torch.exp(0.5 * log_variance)).log_prob(x)
+    torch.testing.assert_close(gaussian_log_prob(x, mean, log_variance), reference)
+
+
+def test_likelihood_heads():
+    hidden = torch.randn(3, 5)
+    nb = NegativeBinomialHead(5, 7)(hidden, torch.tensor([100.0, 1000.0, 50.0]))
+    torch.testing.assert_close(nb.mean.sum(1), torch.tensor([100.0, 1000.0, 50.0]))
+    torch.testing.assert_close(NegativeBinomialHead(5, 7)(hidden).library_size, torch.full((3,), 1e4))
+    gaussian = GaussianHead(5, 7)(hidden)
+    assert gaussian.log_variance.shape == (3, 7)
+    torch.testing.assert_close(gaussian.log_normalized(), gaussian.mean)
+
+
+def test_causal_layer_solves_the_linear_structural_equations():
+    """u_j = s_j + Σ_{i<j} A_ij u_i, checked by substitution node by node."""
+    torch.manual_seed(0)
+    layer = LatentCausalLayer(5)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(5, 5))
+    shift = torch.randn(4, 5)
+    u = layer(shift)
+    adjacency = layer.adjacency()
+    for j in range(5):
+        torch.testing.assert_close(u[:, j], shift[:, j] + u[:, :j] @ adjacency[:j, j])
+    torch.testing.assert_close(layer(shift[:1] + shift[1:2]), layer(shift[:1]) + layer(shift[1:2]))  # linear
+    assert layer.l1_penalty() == adjacency.abs().sum()
+    assert torch.equal(LatentCausalLayer(5)(shift), shift)  # a fresh layer has no edges
+
+
+def _config_values(**overrides):
+    return {"n_input": 10, "n_genes": 20, "n_perturbations": 3, **overrides}
+
+
+def test_config_round_trips_through_dict_and_json(tmp_path):
+    config = PerturbedVAEConfig(**_config_values(likelihood="nb", gene_feature_dim=8, mask_kind="gumbel"))
+    assert PerturbedVAEConfig.from_dict(config.to_dict()) == config
+    config.save(tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text())["likelihood"] == "nb"
+    assert PerturbedVAEConfig.load(tmp_path / "config.json") == config
+
+
+def test_config_rejects_unknown_and_missing_keys():
+    with pytest.raises(ConfigError, match="did you mean 'n_latent'"):
+        PerturbedVAEConfig.from_dict(_config_values(n_latnet=4))
+    with pytest.raises(ConfigError, match="n_genes"):
+        PerturbedVAEConfig.from_dict({"n_input": 10, "n_perturbations": 3})
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"n_latent": 0}, "n_latent"),
+        ({"n_genes": 2.5}, "n_genes"),
+        ({"likelihood": "poisson"}, "likelihood"),
+        ({"mask_prior_prob": 1.0}, "mask_prior_prob"),
+        ({"mask_temperature": 0}, "mask_temperature"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"alignment": "adversarial"}, "alignment"),
+        ({"dag_weight": -1.0}, "dag_weight"),
+        ({"causal_layer": "yes"}, "causal_layer"),
+        ({"gene_feature_dim": 0}, "gene_feature_dim"),
+        ({"kl_weight": float("nan")}, "kl_weight"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        PerturbedVAEConfig(**_config_values(**overrides))
+
+
+def test_config_load_reports_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        PerturbedVAEConfig.load(tmp_path / "absent.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        PerturbedVAEConfig.load(tmp_path / "bad.json")
