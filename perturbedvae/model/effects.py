@@ -93,20 +93,18 @@ class PerturbationEffects(nn.Module):
         self.gene_features = _checked_features(config, gene_features).to(self.gene_features.device)
         self.config.n_perturbations = config.n_perturbations
 
-    def parameters_of(self, gene_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def effects_and_logits(self, gene_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(effects, mask logits), each [A, K], for the given vocabulary indices (all genes if None)."""
+        rows = slice(None) if gene_index is None else gene_index
         if not self.uses_features:
-            if gene_index is None:
-                return self.effect_table, self.logit_table
-            return self.effect_table[gene_index], self.logit_table[gene_index]
-        features = self.gene_features if gene_index is None else self.gene_features[gene_index]
-        effects, logits = self.feature_network(features).chunk(2, dim=-1)
+            return self.effect_table[rows], self.logit_table[rows]
+        effects, logits = self.feature_network(self.gene_features[rows]).chunk(2, dim=-1)
         return effects, logits
 
     def forward(self, perturbations: torch.Tensor, deterministic: bool) -> PerturbationOutput:
         gene_index = perturbations.ne(0).any(dim=0).nonzero().squeeze(1)
         weights = perturbations[:, gene_index]
-        effects, logits = self.parameters_of(gene_index)
+        effects, logits = self.effects_and_logits(gene_index)
         if deterministic:
             masks = self.mask.deterministic(logits, self.config.eval_mask)
         else:
@@ -123,11 +121,11 @@ class PerturbationEffects(nn.Module):
 
     def keep_probabilities(self) -> torch.Tensor:
         """[P, K] probability that each mask entry is non-zero."""
-        return self.mask.keep_probability(self.parameters_of()[1])
+        return self.mask.keep_probability(self.effects_and_logits()[1])
 
     def effect_vectors(self) -> torch.Tensor:
         """[P, K] single-gene effects as used at evaluation: deterministic mask ⊙ effect (before mixing)."""
-        effects, logits = self.parameters_of()
+        effects, logits = self.effects_and_logits()
         return self.mask.deterministic(logits, self.config.eval_mask) * effects
 
     def dag_penalty(self) -> torch.Tensor:

@@ -80,6 +80,7 @@ class PerturbedVAEModule(nn.Module):
         self.likelihood_head = LIKELIHOOD_HEADS[config.likelihood](config.n_hidden, config.n_genes)
 
     def inference(self, h: torch.Tensor) -> InferenceOutput:
+        """q(z_inv | h); samples z in training and returns the mean otherwise (deterministic evaluation)."""
         hidden = self.encoder(h)
         mean = self.qz_mean(hidden)
         logvar = self.qz_logvar(hidden).clamp(*_LOG_VARIANCE_RANGE)
@@ -175,10 +176,12 @@ class PerturbedVAEModule(nn.Module):
         finally:
             self.train(was_training)
 
+    @torch.no_grad()
     def mask_probabilities(self) -> torch.Tensor:
         """[P, K] learned keep-probabilities of the masks (heatmaps, identifiability checks)."""
         return self.effects.keep_probabilities()
 
+    @torch.no_grad()
     def effect_vectors(self) -> torch.Tensor:
         """[P, K] each gene's masked effect with the evaluation mask (before interaction and causal mixing)."""
         return self.effects.effect_vectors()

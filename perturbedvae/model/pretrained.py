@@ -133,21 +133,21 @@ class PerturbedVAE:
         Only heads trained with gene features can do this: the feature network gives the new genes
         their effects and masks.
         """
-        duplicated = sorted(set(genes) & set(self.perturbation_genes))
-        if duplicated:
-            raise ConditionError(f"gene(s) already in the perturbation vocabulary: {', '.join(duplicated)}")
-        if gene_features.shape[0] != len(genes):
-            raise ConfigError(f"got {len(genes)} genes but {gene_features.shape[0]} feature rows; pass one row per gene")
         if not self.module.effects.uses_features:
             raise ConfigError(
                 "this head was trained without gene features, so it cannot give unseen genes an effect; "
                 "train with gene_feature_dim set (gene features from an encoder) to predict unseen genes"
             )
+        duplicated = sorted(set(genes) & set(self.perturbation_genes))
+        if duplicated:
+            raise ConditionError(f"gene(s) already in the perturbation vocabulary: {', '.join(duplicated)}")
+        if gene_features.shape[0] != len(genes):
+            raise ConfigError(f"got {len(genes)} genes but {gene_features.shape[0]} feature rows; pass one row per gene")
+        names = [*self.perturbation_genes, *genes]
+        extended = _checked_names("perturbation_genes", names, len(names))  # before changing any state
         old = self.module.effects.gene_features
         self.module.effects.set_gene_features(torch.cat([old, gene_features.to(old)], dim=0))
-        self.perturbation_genes = _checked_names(
-            "perturbation_genes", [*self.perturbation_genes, *genes], self.config.n_perturbations
-        )
+        self.perturbation_genes = extended
 
 
 def _unknown_genes_message(unknown: Sequence[str], known: Sequence[str]) -> str:
