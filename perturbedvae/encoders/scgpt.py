@@ -18,7 +18,6 @@ mvc_decoder, cls_decoder, ...) are not needed for embeddings and are skipped.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
