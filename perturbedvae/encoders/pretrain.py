@@ -46,10 +46,10 @@ class PretrainConfig:
     max_length: int = 256
     mask_fraction: float = 0.15
     batch_size: int = 64
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
-    epochs: float = 1.0
+    epochs: float = 3.0
     max_steps: int | None = None
     held_out_fraction: float = 0.1
     seed: int = 0
