@@ -37,7 +37,7 @@ REPORT_FILE = "pretrain_report.json"
 
 @dataclass
 class PretrainConfig:
-    """Model size and training schedule (defaults: the few-minute CPU run reported in the README)."""
+    """Model size and training schedule (defaults: the ~7-minute one-thread CPU run of scripts/pretrain_encoder.py)."""
 
     hidden_size: int = 64
     num_layers: int = 3
