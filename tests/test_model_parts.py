@@ -171,3 +171,14 @@ def test_config_load_reports_missing_and_malformed_files(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         PerturbedVAEConfig.load(tmp_path / "bad.json")
+
+
+def test_heads_initialise_at_the_data_scale():
+    x = torch.tensor([[0.0, 2.0, 5.0], [2.0, 2.0, 7.0], [1.0, 2.0, 6.0]])
+    gaussian = GaussianHead(4, 3)
+    gaussian.initialize_from_data(x)
+    torch.testing.assert_close(gaussian(torch.zeros(1, 4)).mean[0], x.mean(0))
+    torch.testing.assert_close(gaussian.log_variance.exp(), x.var(0) + 1e-4)
+    nb = NegativeBinomialHead(4, 3)
+    nb.initialize_from_data(x)
+    torch.testing.assert_close(nb(torch.zeros(1, 4)).normalized_rate[0], x.sum(0) / x.sum(), rtol=1e-5, atol=1e-6)

@@ -79,6 +79,15 @@ class PerturbedVAEModule(nn.Module):
         self.decoder = mlp(config.n_latent, config.n_hidden, config.n_layers, config.dropout)
         self.likelihood_head = LIKELIHOOD_HEADS[config.likelihood](config.n_hidden, config.n_genes)
 
+    def initialize_from_data(self, x: torch.Tensor) -> None:
+        """Set the decoder's output biases (and Gaussian variances) from training targets x [cells, n_genes].
+
+        Optional, before training: the head then starts at the data's per-gene scale and its first
+        steps go into the perturbation effects (log-normalized x for gaussian, counts for nb).
+        """
+        _check_width("x", x, self.config.n_genes, "n_genes")
+        self.likelihood_head.initialize_from_data(x.float())
+
     def inference(self, h: torch.Tensor) -> InferenceOutput:
         """q(z_inv | h); samples z in training and returns the mean otherwise (deterministic evaluation)."""
         hidden = self.encoder(h)
