@@ -174,7 +174,7 @@ def test_config_load_reports_missing_and_malformed_files(tmp_path):
 
 
 def test_heads_initialise_at_the_data_scale():
-    x = torch.tensor([[0.0, 2.0, 5.0], [2.0, 2.0, 7.0], [1.0, 2.0, 6.0]])
+    x = torch.tensor([[0.0, 2.0, 5.0], [2.0, 2.5, 7.0], [1.0, 2.0, 6.0]])
     gaussian = GaussianHead(4, 3)
     gaussian.initialize_from_data(x)
     torch.testing.assert_close(gaussian(torch.zeros(1, 4)).mean[0], x.mean(0))
