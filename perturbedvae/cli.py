@@ -107,6 +107,16 @@ def _cmd_baselines(args: argparse.Namespace) -> None:
     _evaluate_with_baselines(data, Split.load(args.split), {}, Path(args.out), args.de_method)
 
 
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from perturbedvae.encoders.embed import run_embed
+
+    entry = run_embed(
+        _load_data(args), args.adapter, args.checkpoint, args.out, args.batch_size,
+        min_gene_coverage=args.min_gene_coverage, min_perturbed_coverage=args.min_perturbed_coverage,
+    )
+    print(f"embeddings cached in {entry}")
+
+
 def _cmd_simulate(args: argparse.Namespace) -> None:
     from perturbedvae.data.synthetic import simulate_to_file
 
@@ -177,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="PRED.h5ad")
     predict.add_argument("--per-cell", action="store_true", help="one row per predicted cell instead of per condition")
     predict.set_defaults(func=_cmd_predict)
+
+    embed = commands.add_parser("embed", help="run a frozen encoder once and cache the cell embeddings (Arrow)")
+    _add_data_options(embed)
+    embed.add_argument("--adapter", required=True, help="adapter card, e.g. adapters/geneformer-v1.yaml")
+    embed.add_argument("--checkpoint", default=None, help="encoder checkpoint directory")
+    embed.add_argument("--out", required=True, help="cache directory (entries are keyed by data + encoder + card)")
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument("--min-gene-coverage", type=float, default=None, help="error below this fraction of genes covered")
+    embed.add_argument("--min-perturbed-coverage", type=float, default=None, help="likewise for perturbed genes")
+    embed.set_defaults(func=_cmd_embed)
 
     simulate = commands.add_parser("simulate", help="write a synthetic screen with known sparse effects (.h5ad)")
     simulate.add_argument("--out", required=True)

@@ -38,7 +38,7 @@ def check_encoder_coverage(
 
 
 def run_embed(
-    data_path: str | Path,
+    data: PerturbationData | str | Path,
     adapter: str | Path | Mapping[str, Any],
     checkpoint: str | Path | None = None,
     out: str | Path = "embeddings",
@@ -49,12 +49,15 @@ def run_embed(
     min_perturbed_coverage: float | None = None,
     **load_kwargs: Any,
 ) -> Path:
-    """Load the data (`load_kwargs` go to `load_dataset`), check coverage, embed into the cache under `out`.
+    """Check the encoder's coverage of the data and embed it into the cache under `out`.
+
+    `data` is a loaded dataset or a path (then `load_kwargs` go to `load_dataset`).
 
     Returns:
         The cache entry directory; it also holds `coverage.json`.
     """
-    data = load_dataset(data_path, **load_kwargs)
+    if not isinstance(data, PerturbationData):
+        data = load_dataset(data, **load_kwargs)
     encoder = load_encoder(adapter, checkpoint, vocab_dir=vocab_dir)
     entry = cache_entry(out, data, encoder)
     check_encoder_coverage(encoder, data, min_gene_coverage, min_perturbed_coverage, entry / COVERAGE_FILE)
