@@ -8,15 +8,17 @@ makes names comparable across files without remembering who wrote them.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from perturbedvae.errors import ConditionError
+from perturbedvae.vocabulary import check_known_genes
 
 CONTROL = "control"
 """Canonical name of unperturbed (control) cells."""
+
+__all__ = ["CONTROL", "DEFAULT_CONTROL_LABELS", "ConditionSyntax", "canonical_name", "check_known_genes", "genes_of"]
 
 DEFAULT_CONTROL_LABELS: tuple[str, ...] = ("control", "ctrl", "non-targeting")
 
@@ -85,16 +87,3 @@ def canonical_name(genes: Iterable[str]) -> str:
 def genes_of(canonical: str) -> tuple[str, ...]:
     """Genes of a canonical condition name (inverse of `canonical_name`)."""
     return () if canonical == CONTROL else tuple(canonical.split("+"))
-
-
-def check_known_genes(genes: Iterable[str], known: Iterable[str], what: str = "perturbation vocabulary") -> None:
-    """Raise a ConditionError naming close matches when a gene is not in `known`."""
-    known_set = set(known)
-    unknown = [gene for gene in genes if gene not in known_set]
-    if not unknown:
-        return
-    hints = []
-    for gene in unknown:
-        close = difflib.get_close_matches(gene, sorted(known_set), n=3, cutoff=0.6)
-        hints.append(f"{gene!r} (close matches: {', '.join(close)})" if close else f"{gene!r} (no close match)")
-    raise ConditionError(f"unknown gene(s) not in the {what}: " + "; ".join(hints))

@@ -11,7 +11,6 @@ The wrapper also owns the perturbation vocabulary, so users speak gene names and
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,12 @@ from perturbedvae import __version__
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
 from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.model.module import PerturbedVAEModule
+from perturbedvae.vocabulary import check_known_genes
+
+_UNSEEN_GENE_ADVICE = (
+    "A head without gene features cannot predict unseen genes; train with gene features "
+    "or add the genes with add_perturbation_genes"
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -112,9 +117,7 @@ class PerturbedVAE:
                     f"condition {genes!r} is a string; pass its genes as a list, e.g. {genes.split('+')!r} "
                     "(perturbedvae.data.conditions.genes_of turns canonical names into gene tuples)"
                 )
-            unknown = [gene for gene in genes if gene not in index]
-            if unknown:
-                raise ConditionError(_unknown_genes_message(unknown, self.perturbation_genes))
+            check_known_genes(genes, index, what="trained perturbation vocabulary", advice=_UNSEEN_GENE_ADVICE)
             matrix[row, [index[gene] for gene in genes]] = 1.0
         return matrix
 
@@ -148,18 +151,6 @@ class PerturbedVAE:
         old = self.module.effects.gene_features
         self.module.effects.set_gene_features(torch.cat([old, gene_features.to(old)], dim=0))
         self.perturbation_genes = extended
-
-
-def _unknown_genes_message(unknown: Sequence[str], known: Sequence[str]) -> str:
-    hints = []
-    for gene in unknown:
-        close = difflib.get_close_matches(gene, known, n=3, cutoff=0.6)
-        hints.append(f"{gene!r} (close matches: {', '.join(close)})" if close else f"{gene!r} (no close match)")
-    return (
-        "unknown perturbation gene(s), not in the trained vocabulary: " + "; ".join(hints)
-        + ". A head without gene features cannot predict unseen genes; train with gene features "
-        "or add the genes with add_perturbation_genes"
-    )
 
 
 def _checked_names(what: str, names: Sequence[str], expected: int) -> list[str]:

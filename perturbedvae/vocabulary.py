@@ -1,0 +1,26 @@
+"""Gene vocabulary checks shared by the data layer and the model (which may not import `data/`)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+from perturbedvae.errors import ConditionError
+
+
+def check_known_genes(genes: Iterable[str], known: Iterable[str], what: str = "perturbation vocabulary", advice: str = "") -> None:
+    """Raise a ConditionError naming close matches when a gene is not in `known`.
+
+    Args:
+        advice: A sentence appended to the message, e.g. how to predict genes outside the vocabulary.
+    """
+    known_set = set(known)
+    unknown = [gene for gene in genes if gene not in known_set]
+    if not unknown:
+        return
+    hints = []
+    for gene in unknown:
+        close = difflib.get_close_matches(gene, sorted(known_set), n=3, cutoff=0.6)
+        hints.append(f"{gene!r} (close matches: {', '.join(close)})" if close else f"{gene!r} (no close match)")
+    message = f"unknown gene(s) not in the {what}: " + "; ".join(hints)
+    raise ConditionError(f"{message}. {advice}" if advice else message)
