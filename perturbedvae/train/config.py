@@ -30,7 +30,10 @@ from perturbedvae.model.config import PerturbedVAEConfig
 DERIVED_MODEL_FIELDS = ("n_input", "n_genes", "n_perturbations")
 """PerturbedVAEConfig fields the trainer takes from the data, never from the YAML."""
 
-INPUT_PATH_KEYS = ("data.path", "split.path", "representation.adapter", "representation.checkpoint")
+INPUT_PATH_KEYS = (
+    "data.path", "split.path", "representation.adapter", "representation.checkpoint", "representation.vocab_dir",
+    "representation.cache_dir",
+)
 OUTPUT_PATH_KEYS = ("output.run_dir",)
 
 
@@ -70,7 +73,13 @@ class RepresentationConfig:
 
     kind "expression": log-normalized X, projected on `n_components` principal components of the
     training cells when set; "obsm": `adata.obsm[obsm_key]`; "encoder": a cell encoder built from the
-    adapter card `adapter` and weights `checkpoint`, either frozen (embedded once) or LoRA-tuned.
+    adapter card `adapter`, weights `checkpoint` and vocabulary `vocab_dir` (default: the card's rules).
+
+    A frozen encoder embeds every cell once into the embedding cache under `cache_dir` (default
+    ~/.cache/perturbedvae/embeddings), keyed by data and encoder fingerprints so later runs reuse it;
+    `cache_embeddings: false` runs the frozen backbone inside every training step instead (slower; it
+    exists to measure what the cache saves). `finetune: lora` trains rank-`lora_r` adapters on the
+    card's target modules together with the head, end to end.
     """
 
     kind: Literal["expression", "obsm", "encoder"] = "expression"
@@ -78,7 +87,10 @@ class RepresentationConfig:
     obsm_key: str | None = None
     adapter: str | None = None
     checkpoint: str | None = None
+    vocab_dir: str | None = None
     finetune: Literal["frozen", "lora"] = "frozen"
+    cache_dir: str | None = None
+    cache_embeddings: bool = True
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05

@@ -1,7 +1,8 @@
 """From a dataset and a split to the batches the head trains on.
 
 Training cells are the cells of the split's training conditions (control included). Each batch carries
-`h` (the representation), `x` (the target: log-normalized expression for a gaussian head, raw counts for
+`h` (the representation; for an encoder run inside the step, its `prepare` rows under
+`ENCODER_INPUTS_KEY` instead), `x` (the target: log-normalized expression for a gaussian head, raw counts for
 a negative-binomial one), `perturbations` (multi-hot over the perturbation vocabulary: the genes
 perturbed in training conditions, sorted) and, when counts exist, `library_size`. Sparse matrices stay
 sparse until a batch is collated, so memory scales with the data's non-zeros, not cells x genes.
@@ -24,7 +25,7 @@ from perturbedvae.data.conditions import CONTROL, genes_of
 from perturbedvae.data.loading import COUNTS_LAYER, PerturbationData
 from perturbedvae.data.splits import Split
 from perturbedvae.errors import ConfigError, SplitError
-from perturbedvae.train.representation import Representation
+from perturbedvae.train.representation import ENCODER_INPUTS_KEY, CachedEmbeddings, Representation
 
 INDEX_KEY = "index"
 """Batch key of the cells' row numbers: names the cells of a failing batch; not a model input."""
@@ -119,7 +120,7 @@ class PerturbationDataModule:
         """Gather the rows of a batch, densifying sparse rows only now."""
         rows = np.asarray(indices, dtype=np.int64)
         batch = {
-            "h": torch.from_numpy(_dense_rows(self.representation.matrix, rows)),
+            **self._representation_rows(rows),
             "x": torch.from_numpy(_dense_rows(self.target, rows)),
             "perturbations": torch.from_numpy(self.condition_multi_hot[self.condition_codes[rows]]),
             INDEX_KEY: torch.from_numpy(rows),
@@ -127,6 +128,13 @@ class PerturbationDataModule:
         if self.library_size is not None:
             batch["library_size"] = torch.from_numpy(self.library_size[rows])
         return batch
+
+    def _representation_rows(self, rows: np.ndarray) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+        inputs = self.representation.inputs
+        if inputs is not None:
+            index = torch.from_numpy(rows)
+            return {ENCODER_INPUTS_KEY: {key: value[index] for key, value in inputs.items()}}
+        return {"h": torch.from_numpy(_dense_rows(self.representation.matrix, rows))}
 
     def train_loader(self, batch_size: int, seed: int) -> DataLoader:
         """Loader over training cells, reshuffled per epoch by `loader.set_epoch(epoch)`."""
@@ -144,9 +152,9 @@ class PerturbationDataModule:
             controls = np.sort(np.random.default_rng(seed).choice(controls, n_cells, replace=False))
         return controls
 
-    def control_inputs(self, cells: np.ndarray) -> dict[str, torch.Tensor]:
-        """`h` (and `library_size`) of control cells, the starting points of counterfactual predictions."""
-        inputs = {"h": torch.from_numpy(_dense_rows(self.representation.matrix, cells))}
+    def control_inputs(self, cells: np.ndarray) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+        """`h` or encoder inputs (and `library_size`) of control cells, where counterfactual predictions start."""
+        inputs = self._representation_rows(cells)
         if self.library_size is not None:
             inputs["library_size"] = torch.from_numpy(self.library_size[cells])
         return inputs
@@ -183,7 +191,7 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n_items).tolist())
 
 
-def _dense_rows(matrix: np.ndarray | sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
+def _dense_rows(matrix: np.ndarray | sp.csr_matrix | CachedEmbeddings, rows: np.ndarray) -> np.ndarray:
     selected = matrix[rows]
     selected = selected.toarray() if sp.issparse(selected) else selected
     return np.ascontiguousarray(selected, dtype=np.float32)

@@ -1,7 +1,8 @@
 """Counterfactual predictions: what control cells would look like under a perturbation.
 
 The head never sees a held-out condition, so its prediction for one starts from real control cells:
-each control cell's representation is encoded, the condition's multi-hot perturbation is applied in
+each control cell's representation (computed by the module's encoder first when the encoder runs in
+the loop) is encoded, the condition's multi-hot perturbation is applied in
 latent space and the result decoded. The condition's predicted profile is the mean over those cells,
 the quantity every metric of the field compares with the observed mean.
 """
@@ -17,6 +18,7 @@ import torch
 
 from perturbedvae.evaluate.predictions import Predictions
 from perturbedvae.train.datamodule import PerturbationDataModule, multi_hot
+from perturbedvae.train.representation import ENCODER_INPUTS_KEY
 
 _MAX_ROWS_PER_CALL = 8192
 
@@ -32,6 +34,7 @@ def predict_from_controls(
     """Predict canonical `conditions` (all genes in the vocabulary) from the given control cells.
 
     The module runs in eval mode (deterministic masks, no dropout) and is put back in its previous mode.
+    For a representation computed in the loop, `module` is the `EncoderWithHead` that trained with it.
     """
     genes = datamodule.data.genes
     inputs = datamodule.control_inputs(control_cells)
@@ -40,6 +43,8 @@ def predict_from_controls(
     module.eval()
     try:
         device = next(module.parameters()).device
+        if ENCODER_INPUTS_KEY in inputs:
+            inputs["h"] = module.embed_cells(inputs.pop(ENCODER_INPUTS_KEY))
         inputs = {key: value.to(device) for key, value in inputs.items()}
         means, cells = [], []
         for row in perturbations.to(device):

@@ -1,47 +1,110 @@
 """Cell representations `h`: what the head's encoder reads for each cell.
 
 The head is agnostic to where `h` comes from (the project's point: any cell encoder can feed it), so
-this module turns a `RepresentationConfig` into one matrix with a row per cell. Anything fitted (the PCA
-basis) is fitted on training cells only, so held-out conditions never leak into the inputs, and is
-saved in the run directory so predictions after training use the very same projection.
+this module turns a `RepresentationConfig` into one of two things:
+
+- a matrix with a row per cell (expression, its PCA, an obsm entry, or a frozen encoder's embeddings
+  read memory-mapped from the embedding cache, so the backbone runs once, not every epoch);
+- per-cell encoder inputs (`prepare` rows: token ids, attention) for an encoder that runs inside the
+  training step, LoRA-tuned or frozen without the cache; `EncoderWithHead` then makes backbone and head
+  one nn.Module, so Accelerate's DDP, mixed precision and checkpoints cover both.
+
+Anything fitted (the PCA basis) is fitted on training cells only, so held-out conditions never leak
+into the inputs, and is saved in the run directory so predictions after training use the very same
+projection; trained LoRA adapters are saved there too (`ADAPTERS_DIR`) and reattached on reload.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from perturbedvae.data.embedding_cache import embed_to_cache, open_embedding_shards
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.encoders import CellEncoder, load_encoder
+from perturbedvae.encoders.embed import check_encoder_coverage
+from perturbedvae.encoders.lora import apply_lora, load_adapters
 from perturbedvae.errors import CheckpointError, ConfigError
+from perturbedvae.model import LossOutput, LossWeights, PerturbedVAEModule
 from perturbedvae.train.config import RepresentationConfig
 
 PCA_FILE = "representation.npz"
+ADAPTERS_DIR = "adapters"
+ENCODER_INPUTS_KEY = "encoder_inputs"
+"""Batch key of the encoder's `prepare` rows when the encoder runs inside the training step."""
+DEFAULT_CACHE_DIR = Path("~/.cache/perturbedvae/embeddings")
 _PCA_FIT_MAX_CELLS = 50_000
 _PROJECT_CHUNK = 8192
 
 
-@dataclass
-class Representation:
-    """A representation of every cell: `matrix` [n_cells, dim], sparse only for raw expression.
+class CachedEmbeddings:
+    """Rows of the embedding cache as a read-only [n_cells, dim] matrix backed by memory-mapped Arrow files.
 
-    Attributes:
-        fitted: Arrays that define the representation beyond the config (PCA `mean`, `components`).
-        encoder: The cell encoder that embedded the cells (kind "encoder"); it also gives gene features.
+    Indexing with row numbers gathers only those rows, so a training batch touches its cells' pages and
+    the full matrix never has to fit in memory.
     """
 
-    matrix: np.ndarray | sp.csr_matrix
+    def __init__(self, blocks: list[np.ndarray]) -> None:
+        self.blocks = blocks
+        self.starts = np.cumsum([0] + [len(block) for block in blocks])
+
+    @classmethod
+    def open(cls, cache_dir: str | Path, data: PerturbationData, encoder: CellEncoder) -> CachedEmbeddings:
+        """Verify the cache entry (see `open_embedding_shards`) and view its embeddings without copying."""
+        blocks = []
+        for shard in open_embedding_shards(cache_dir, data, encoder):
+            for chunk in shard.data.column("embedding").chunks:
+                width = chunk.type.list_size
+                blocks.append(chunk.flatten().to_numpy(zero_copy_only=True).reshape(-1, width))
+        return cls(blocks)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.starts[-1]), int(self.blocks[0].shape[1]) if self.blocks else 0
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        block_of = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        for block in np.unique(block_of):
+            hits = block_of == block
+            out[hits] = self.blocks[block][rows[hits] - self.starts[block]]
+        return out
+
+
+@dataclass
+class Representation:
+    """`h` of every cell: a `matrix` [n_cells, dim], or encoder `inputs` when the encoder runs in the loop.
+
+    Attributes:
+        matrix: Dense, sparse (raw expression only) or cached embeddings; None when `inputs` is set.
+        fitted: Arrays that define the representation beyond the config (PCA `mean`, `components`).
+        encoder: The cell encoder (kind "encoder"); it also gives gene features.
+        inputs: The encoder's `prepare` tensors (row i = cell i) for an encoder run inside each step.
+        finetune: Whether the in-loop encoder trains (LoRA) or stays frozen.
+        embed_batch_size: Cells per encoder call outside training (predictions).
+    """
+
+    matrix: np.ndarray | sp.csr_matrix | CachedEmbeddings | None
     fitted: dict[str, np.ndarray] = field(default_factory=dict)
     encoder: CellEncoder | None = None
+    inputs: dict[str, torch.Tensor] | None = None
+    finetune: bool = False
+    embed_batch_size: int = 64
+
+    @property
+    def in_loop(self) -> bool:
+        """Whether the encoder runs inside every training step (batches carry its inputs, not `h`)."""
+        return self.inputs is not None
 
     @property
     def dim(self) -> int:
-        return int(self.matrix.shape[1])
+        return int(self.encoder.hidden_size) if self.matrix is None else int(self.matrix.shape[1])
 
     def save(self, run_dir: Path) -> None:
         if self.fitted:
@@ -54,22 +117,17 @@ def build_representation(
     train_cells: np.ndarray,
     run_dir: Path | None = None,
 ) -> Representation:
-    """Build `h` for every cell; with `run_dir`, reuse the PCA basis saved there instead of refitting.
+    """Build `h` for every cell; with `run_dir`, reuse what the run fitted (PCA basis, LoRA adapters).
 
     Raises:
-        ConfigError: for an absent obsm key, a PCA wider than the data, or LoRA fine-tuning (which
-            would have to run inside every training step; not supported yet).
+        ConfigError: for an absent obsm key, a PCA wider than the data, or an encoder whose vocabulary
+            covers too little of the data.
+        CheckpointError: `run_dir` lacks the PCA basis or adapters the config implies.
     """
     if config.kind == "obsm":
         return Representation(_obsm_matrix(data, config.obsm_key))
     if config.kind == "encoder":
-        if config.finetune != "frozen":
-            raise ConfigError(
-                f"representation.finetune {config.finetune!r} is not supported by the trainer yet; "
-                "use representation.finetune=frozen"
-            )
-        encoder = load_encoder(config.adapter, config.checkpoint)
-        return Representation(embed_cells(encoder, data.adata, config.embed_batch_size), encoder=encoder)
+        return _encoder_representation(config, data, run_dir)
     matrix = data.adata.X
     if config.n_components is None:
         return Representation(sp.csr_matrix(matrix) if sp.issparse(matrix) else np.asarray(matrix, dtype=np.float32))
@@ -77,15 +135,89 @@ def build_representation(
     return Representation(_project(matrix, fitted["mean"], fitted["components"]), fitted)
 
 
-@torch.no_grad()
-def embed_cells(encoder: CellEncoder, adata: ad.AnnData, batch_size: int) -> np.ndarray:
-    """Run a frozen encoder once over every cell, in batches of `batch_size` cells."""
-    inputs = encoder.prepare(adata)
-    blocks = []
-    for start in range(0, adata.n_obs, batch_size):
-        batch = {key: value[start : start + batch_size] for key, value in inputs.items()}
-        blocks.append(encoder.embed(batch).float().cpu().numpy())
-    return np.concatenate(blocks) if blocks else np.zeros((0, encoder.hidden_size), dtype=np.float32)
+def _encoder_representation(config: RepresentationConfig, data: PerturbationData, run_dir: Path | None) -> Representation:
+    """Frozen: embeddings from the cache (embedded on first use). LoRA: fresh adapters, or the run's."""
+    encoder = load_encoder(config.adapter, config.checkpoint, vocab_dir=config.vocab_dir)
+    check_encoder_coverage(encoder, data)
+    if config.finetune == "lora":
+        if run_dir is None:
+            apply_lora(encoder, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
+        else:
+            load_adapters(encoder, run_dir / ADAPTERS_DIR)
+    elif config.cache_embeddings:
+        cache_dir = Path(config.cache_dir) if config.cache_dir else DEFAULT_CACHE_DIR.expanduser()
+        entry = embed_to_cache(data, encoder, cache_dir, config.embed_batch_size)
+        return Representation(CachedEmbeddings.open(entry, data, encoder), encoder=encoder)
+    inputs = encoder.prepare(data.adata)
+    return Representation(None, encoder=encoder, inputs=inputs, finetune=config.finetune == "lora",
+                          embed_batch_size=config.embed_batch_size)
+
+
+class EncoderWithHead(torch.nn.Module):
+    """Encoder backbone and PerturbedVAE head as one module: `h` is computed from token inputs in each step.
+
+    The backbone is registered as a submodule, so the optimizer, DDP gradient sync, mixed precision and
+    checkpoints see its (LoRA) parameters beside the head's. A frozen backbone stays in eval mode (no
+    dropout), matching the cached embeddings it replaces. It exposes the head's `config` and `predict`,
+    so code that predicts from `h` works with either module.
+    """
+
+    def __init__(self, encoder: CellEncoder, head: PerturbedVAEModule, finetune: bool, embed_batch_size: int = 64) -> None:
+        super().__init__()
+        backbone = encoder.trainable_module()
+        if backbone is None:
+            raise ConfigError(f"{encoder.name} has no network weights to run inside training; use a frozen cached encoder")
+        if not finetune:
+            backbone.requires_grad_(False)  # frozen means no optimizer state and no gradient sync for it
+        self.backbone = backbone
+        self.head = head
+        self.finetune = finetune
+        self.embed_batch_size = embed_batch_size
+        self._encoder = encoder
+
+    @property
+    def config(self):
+        return self.head.config
+
+    def train(self, mode: bool = True) -> EncoderWithHead:
+        super().train(mode)
+        self.backbone.train(mode and self.finetune)
+        return self
+
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cell embeddings of a batch of encoder inputs, in float32 whatever precision the backbone ran in."""
+        return self._encoder.embed(inputs).float()
+
+    @torch.no_grad()
+    def embed_cells(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Embeddings of many cells in eval mode, `embed_batch_size` cells per backbone call."""
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.cat([self.embed(batch) for batch in _row_batches(inputs, self.embed_batch_size)])
+        finally:
+            self.train(was_training)
+
+    def forward(self, batch: dict[str, torch.Tensor], weights: LossWeights | None = None) -> LossOutput:
+        inputs = {key: value for key, value in batch.items() if key != ENCODER_INPUTS_KEY}
+        inputs["h"] = self.embed(batch[ENCODER_INPUTS_KEY])
+        return self.head(inputs, weights)
+
+    def predict(self, h_control: torch.Tensor, perturbations: torch.Tensor, library_size: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head.predict(h_control, perturbations, library_size=library_size)
+
+
+def attach_encoder(representation: Representation, head: PerturbedVAEModule) -> torch.nn.Module:
+    """The module that maps a batch to the loss: the head alone, or encoder + head for in-loop encoders."""
+    if not representation.in_loop:
+        return head
+    return EncoderWithHead(representation.encoder, head, representation.finetune, representation.embed_batch_size)
+
+
+def _row_batches(inputs: dict[str, torch.Tensor], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    n_rows = len(next(iter(inputs.values())))
+    for start in range(0, n_rows, batch_size):
+        yield {key: value[start : start + batch_size] for key, value in inputs.items()}
 
 
 def _obsm_matrix(data: PerturbationData, key: str | None) -> np.ndarray:

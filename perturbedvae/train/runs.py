@@ -4,6 +4,7 @@
     <run_dir>/split.json         the split it trained on
     <run_dir>/representation.npz the PCA basis of the inputs (only for representation.n_components)
     <run_dir>/model/             the head, `PerturbedVAE.save_pretrained`
+    <run_dir>/adapters/          LoRA adapters of the encoder (representation.finetune lora), PEFT format
     <run_dir>/log.jsonl          one line per epoch: losses, loss weights, validation metrics
     <run_dir>/metrics.json       final evaluation on the test conditions (+ the evaluator's tidy table)
     <run_dir>/run_info.json      world size, precision, seed, versions, throughput, wall time
@@ -36,7 +37,8 @@ from perturbedvae.model import PerturbedVAE
 from perturbedvae.train.config import DataConfig, ExperimentConfig, SplitConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule, is_predictable
 from perturbedvae.train.predict import predict_from_controls
-from perturbedvae.train.representation import PCA_FILE, build_representation
+from perturbedvae.encoders.lora import save_adapters
+from perturbedvae.train.representation import ADAPTERS_DIR, PCA_FILE, EncoderWithHead, attach_encoder, build_representation
 from perturbedvae.train.trainer import SELECTION_METRIC, Trainer, make_accelerator
 
 MODEL_NAME = "perturbedvae"
@@ -84,8 +86,13 @@ class RunLayout:
     def representation(self) -> Path:
         return self.root / PCA_FILE
 
+    @property
+    def adapters(self) -> Path:
+        return self.root / ADAPTERS_DIR
+
     def existing_outputs(self) -> list[Path]:
-        candidates = [self.config, self.split, self.model, self.log, self.metrics, self.run_info, self.checkpoints, self.representation]
+        candidates = [self.config, self.split, self.model, self.log, self.metrics, self.run_info, self.checkpoints,
+                      self.representation, self.adapters]
         return [path for path in candidates if path.exists()]
 
 
@@ -115,7 +122,7 @@ def load_or_make_split(config: SplitConfig, data: PerturbationData) -> Split:
 
 
 def build_datamodule(config: ExperimentConfig, data: PerturbationData, split: Split, run_dir: Path | None = None) -> PerturbationDataModule:
-    """Representation + targets + vocabulary; with `run_dir`, the saved PCA basis is reused."""
+    """Representation + targets + vocabulary; with `run_dir`, the saved PCA basis or adapters are reused."""
     train_cells = np.flatnonzero(np.isin(data.conditions, split.train))
     representation = build_representation(config.representation, data, train_cells, run_dir)
     return PerturbationDataModule.build(data, split, representation, config.model["likelihood"])
@@ -184,7 +191,8 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
     accelerator.wait_for_everyone()
     data = load_data(config.data)
     split = Split.load(layout.split) if resume and layout.split.is_file() else load_or_make_split(config.split, data)
-    datamodule = build_datamodule(config, data, split, layout.root if resume and layout.representation.is_file() else None)
+    with accelerator.main_process_first():  # the main process fills the embedding cache, the others read it
+        datamodule = build_datamodule(config, data, split, layout.root if resume and layout.representation.is_file() else None)
     if accelerator.is_main_process:
         config.save(layout.config)
         split.save(layout.split)
@@ -196,13 +204,15 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
     trainer = Trainer(config, datamodule, layout.root, validator if validator.conditions else None, gene_features(config, datamodule), accelerator)
     result = trainer.fit(resume=resume)
     if accelerator.is_main_process:
-        model = PerturbedVAE(result.module.config, result.module, datamodule.perturbation_genes, data.genes)
-        model.save_pretrained(layout.model)
+        head = result.module.head if isinstance(result.module, EncoderWithHead) else result.module
+        PerturbedVAE(head.config, head, datamodule.perturbation_genes, data.genes).save_pretrained(layout.model)
+        if datamodule.representation.finetune:
+            save_adapters(datamodule.representation.encoder, layout.adapters)
         test_scorer = ConditionScorer(datamodule, split.test, split.test_subgroups, config.data.de_method, config.data.n_de_genes, controls)
         run_info = {**result.run_info, "data_fingerprint": data.fingerprint, "n_train_cells": len(datamodule.train_cells),
                     "unpredictable_val_conditions": validator.skipped, "unpredictable_test_conditions": test_scorer.skipped}
         if test_scorer.conditions:
-            summary, tidy = compare(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(model.module)})
+            summary, tidy = compare(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(result.module)})
             write_metrics(summary, tidy, layout.root)
         layout.run_info.write_text(json.dumps(run_info, indent=2) + "\n")
     accelerator.wait_for_everyone()
@@ -250,13 +260,18 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @dataclass
 class LoadedRun:
-    """A finished run: its config, split, trained head and the data to start predictions from."""
+    """A finished run: its config, split, trained head and the data to start predictions from.
+
+    `predictor` is what predictions run: the head, or the encoder with its trained adapters + the head
+    when the run fine-tuned its encoder.
+    """
 
     run_dir: Path
     config: ExperimentConfig
     split: Split
     model: PerturbedVAE
     datamodule: PerturbationDataModule
+    predictor: torch.nn.Module
 
     def predict(self, conditions: Sequence[str], per_cell: bool = False) -> Predictions:
         """Predicted mean profiles (and per-cell profiles) of conditions spelled as in the run's data.
@@ -278,11 +293,11 @@ class LoadedRun:
         wanted = sorted({gene for name in canonical for gene in genes_of(name)})
         check_known_genes(wanted, self.model.perturbation_genes, what="perturbation vocabulary of this run (genes perturbed in its training conditions)")
         controls = self.datamodule.control_cells(self.config.train.n_control_cells, self.config.train.seed)
-        return predict_from_controls(self.model.module, self.datamodule, canonical, controls, per_cell=per_cell)
+        return predict_from_controls(self.predictor, self.datamodule, canonical, controls, per_cell=per_cell)
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
-    """Read a run directory back: reloads the data its config names and the trained head.
+    """Read a run directory back: reloads the data its config names, the trained head and its adapters.
 
     Raises:
         CheckpointError: when the directory is not a finished run or its head does not match the data.
@@ -298,7 +313,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     model = PerturbedVAE.from_pretrained(layout.model)
     if model.perturbation_genes != datamodule.perturbation_genes or model.gene_names != data.genes:
         raise CheckpointError(f"{layout.model} does not match the data its config names (other genes or vocabulary); was the data file changed?")
-    return LoadedRun(layout.root, config, split, model, datamodule)
+    return LoadedRun(layout.root, config, split, model, datamodule, attach_encoder(datamodule.representation, model.module))
 
 
 def predict_conditions(run_dir: str | Path, conditions: Sequence[str], per_cell: bool = False) -> Predictions:

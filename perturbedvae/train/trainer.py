@@ -1,6 +1,7 @@
 """The training loop, one for a laptop and a GPU cluster alike, driven by HuggingFace Accelerate.
 
-Accelerate places tensors, wraps the head for DDP/FSDP, runs mixed precision and gradient accumulation,
+Accelerate places tensors, wraps the head (with the encoder backbone, when the encoder runs inside the
+step: `EncoderWithHead`) for DDP/FSDP, runs mixed precision and gradient accumulation,
 and saves/restores complete checkpoints (weights, optimizer, every process's RNG, and our progress
 record). The loop adds what is specific to this head: KL and sparsity warm-ups, validation on held-out
 conditions (counterfactual predictions scored by `pearson_delta_de`) for model selection and early
@@ -34,6 +35,7 @@ from perturbedvae.errors import CheckpointError, PerturbedVAEError
 from perturbedvae.model import LossWeights, PerturbedVAEModule
 from perturbedvae.train.config import ExperimentConfig, TrainConfig
 from perturbedvae.train.datamodule import INDEX_KEY, PerturbationDataModule
+from perturbedvae.train.representation import attach_encoder
 
 SELECTION_METRIC = "pearson_delta_de"
 CHECKPOINT_PREFIX = "epoch_"
@@ -68,7 +70,10 @@ class TrainingProgress:
 
 @dataclass
 class TrainingResult:
-    """What `Trainer.fit` returns: the trained head (best validation weights) and run facts."""
+    """What `Trainer.fit` returns: the trained module (best validation weights) and run facts.
+
+    `module` is the head, or an `EncoderWithHead` whose `head` is the head when the encoder ran in the loop.
+    """
 
     module: torch.nn.Module
     progress: TrainingProgress
@@ -152,13 +157,18 @@ class Trainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def build_module(self) -> PerturbedVAEModule:
+    def build_module(self) -> torch.nn.Module:
+        """A new head, joined to the encoder backbone when the representation runs in the loop.
+
+        The backbone is the representation's own module (shared, not copied), so what trains in it is
+        what later predictions and the saved adapters use.
+        """
         model_config = self.config.model_config(
             n_input=self.datamodule.representation.dim,
             n_genes=len(self.datamodule.data.genes),
             n_perturbations=len(self.datamodule.perturbation_genes),
         )
-        return PerturbedVAEModule(model_config, gene_features=self.gene_features)
+        return attach_encoder(self.datamodule.representation, PerturbedVAEModule(model_config, gene_features=self.gene_features))
 
     def fit(self, resume: bool = False) -> TrainingResult:
         """Train (or resume the last checkpoint) and return the head with the best validation weights.
@@ -170,7 +180,8 @@ class Trainer:
         settings, accelerator = self.settings, self.accelerator
         set_seed(settings.seed)
         module = self.build_module()
-        optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
         loader = self.datamodule.train_loader(settings.batch_size, settings.seed)
         module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
         progress = TrainingProgress()
@@ -200,6 +211,7 @@ class Trainer:
 
         head = self._final_head(module, progress)
         run_info = self._run_info(progress, cells_seen, train_seconds, time.perf_counter() - started)
+        run_info["trainable_parameters"] = sum(parameter.numel() for parameter in trainable)
         return TrainingResult(head, progress, run_info)
 
     def _final_head(self, module, progress: TrainingProgress) -> torch.nn.Module:
