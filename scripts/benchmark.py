@@ -17,48 +17,29 @@ from pathlib import Path
 
 import pandas as pd
 
+from perturbedvae.compare import train_and_predict
 from perturbedvae.errors import PerturbedVAEError
 from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
-from perturbedvae.evaluate.report import HEADLINE_METRICS
+from perturbedvae.evaluate.report import HEADLINE_METRICS, seed_summary_markdown
 from perturbedvae.train.config import load_config
-from perturbedvae.train.runs import MODEL_NAME, load_run, train_from_config
+from perturbedvae.train.runs import MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_seed(config_path: Path, data: str, seed: int, out: Path, overrides: list[str]) -> tuple[pd.DataFrame, dict]:
     """Train and evaluate one seed; returns its tidy metrics and timing."""
-    run_dir = out / f"seed_{seed}"
     config = load_config(config_path, [
-        f"data.path={data}", f"split.seed={seed}", f"train.seed={seed}", f"output.run_dir={run_dir}",
+        f"data.path={data}", f"split.seed={seed}", f"train.seed={seed}", f"output.run_dir={out / f'seed_{seed}'}",
         "output.overwrite=true", *overrides,
     ])
-    train_from_config(config)
-    run = load_run(run_dir)
-    predictable = {
-        name: [c for c in members if c not in set(json.loads((run_dir / "run_info.json").read_text())["unpredictable_test_conditions"])]
-        for name, members in run.split.test_subgroups.items()
-    }
-    conditions = sorted({c for members in predictable.values() for c in members})
+    trained = train_and_predict(config)
+    run = trained.run
     _, tidy = evaluate_beside_baselines(
-        run.datamodule.data, run.split, {MODEL_NAME: run.predict(conditions)}, run.config.data.de_method, groups=predictable
+        run.datamodule.data, run.split, {MODEL_NAME: trained.predictions}, run.config.data.de_method, groups=trained.groups
     )
-    info = json.loads((run_dir / "run_info.json").read_text())
-    timing = {key: info[key] for key in ("train_cells_per_second", "train_seconds", "wall_seconds", "best_epoch", "epochs_done")}
-    return tidy.assign(seed=seed), timing
-
-
-def summarize(tidy: pd.DataFrame, metrics=HEADLINE_METRICS) -> str:
-    """Mean ± sd over seeds of the per-seed subgroup means, as Markdown."""
-    rows = tidy[tidy["metric"].isin(metrics) & tidy["condition"].notna()]
-    per_seed = rows.groupby(["subgroup", "model", "metric", "seed"])["value"].mean()
-    stats = per_seed.groupby(["subgroup", "model", "metric"]).agg(["mean", "std", "count"]).reset_index()
-    lines = ["| subgroup | model | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
-    for (subgroup, model), group in stats.groupby(["subgroup", "model"], sort=False):
-        values = group.set_index("metric")
-        cells = [f"{values.loc[m, 'mean']:.3f} ± {values.loc[m, 'std']:.3f}" for m in metrics]
-        lines.append(f"| {subgroup} | {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    keys = ("train_cells_per_second", "train_seconds", "wall_seconds", "best_epoch", "epochs_done")
+    return tidy.assign(seed=seed), {key: trained.run_info[key] for key in keys}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     tidy.to_csv(args.out / "metrics.csv", index=False)
     (args.out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
-    summary = summarize(tidy)
+    summary = seed_summary_markdown(tidy, HEADLINE_METRICS)
     (args.out / "summary.md").write_text(summary + "\n")
     print(summary)
     for seed, info in timing.items():
