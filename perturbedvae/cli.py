@@ -146,6 +146,16 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: predictions for {len(predictions.conditions)} conditions (one row per {rows[:-1]})")
 
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
+    from perturbedvae.compare import run_compare
+
+    out = run_compare(args.config, args.overrides)
+    if PartialState().is_main_process:
+        print(f"report written to {out / 'report.md'} and {out / 'report.html'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perturbedvae", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="PRED.h5ad")
     predict.add_argument("--per-cell", action="store_true", help="one row per predicted cell instead of per condition")
     predict.set_defaults(func=_cmd_predict)
+
+    compare = commands.add_parser("compare", help="train variants over seeds beside the baselines; write a report with figures")
+    compare.add_argument("--config", required=True, help="compare config, e.g. configs/compare_norman.yaml")
+    compare.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="compare.seeds=[1] or any experiment key, e.g. train.epochs=3")
+    compare.set_defaults(func=_cmd_compare)
 
     embed = commands.add_parser("embed", help="run a frozen encoder once and cache the cell embeddings (Arrow)")
     _add_data_options(embed)
