@@ -113,6 +113,7 @@ class ComparePlan:
     overrides: list[str]
     variants: dict[str, list[str]]
     settings: CompareSettings
+    text: str = ""
 
     def experiment_config(self, variant: str, seed: int) -> ExperimentConfig:
         """The experiment of one variant and seed, writing its run under the report directory."""
@@ -151,7 +152,7 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> Comp
     settings = CompareSettings(**settings_raw)
     common = _override_strings(raw.get("overrides") or {}, base, "overrides")
     common += [item for item in overrides if not item.partition("=")[0].strip().startswith(COMPARE_PREFIX)]
-    plan = ComparePlan(path.resolve(), experiment, common, variants, settings)
+    plan = ComparePlan(path.resolve(), experiment, common, variants, settings, path.read_text())
     for variant in variants:
         try:
             plan.experiment_config(variant, settings.seeds[0])
@@ -211,7 +212,7 @@ def train_and_predict(config: ExperimentConfig) -> TestPredictions | None:
 
 
 class ResourceMeter:
-    """Wall time and peak resident memory (RSS) of a block of work in this process.
+    """Wall time, CPU time and peak resident memory (RSS) of a block of work in this process.
 
     The peak is the kernel's high-water mark (`VmHWM`), reset at the start of the block on Linux
     (`/proc/self/clear_refs`), so it is the block's own peak, torch tensors included; where that reset is
@@ -221,12 +222,19 @@ class ResourceMeter:
 
     def __enter__(self) -> ResourceMeter:
         self.block_peak = _reset_rss_peak()
-        self.started = time.perf_counter()
+        self.started, self.cpu_started = time.perf_counter(), _cpu_seconds()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.started
+        self.cpu_seconds = _cpu_seconds() - self.cpu_started
         self.peak_rss_mb = _rss_peak_mb()
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads: unlike wall time, not inflated by other load."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _reset_rss_peak() -> bool:
@@ -335,6 +343,7 @@ class VariantResult:
     run_infos: dict[int, dict[str, Any]] = field(default_factory=dict)
     logs: list[pd.DataFrame] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     peak_rss_mb: float = 0.0
     peak_is_lifetime: bool = False
     views: LatentViews | None = None
@@ -370,6 +379,7 @@ def run_compare(config_path: str | Path, overrides: Sequence[str] = ()) -> Path:
             result.run_infos[seed] = trained.run_info
             result.logs.append(_read_log(trained.run.run_dir).assign(model=variant, seed=seed))
             result.seconds += meter.seconds
+            result.cpu_seconds += meter.cpu_seconds
             result.peak_rss_mb = max(result.peak_rss_mb, meter.peak_rss_mb)
             result.peak_is_lifetime |= not meter.block_peak
             if result.views is None:
@@ -591,13 +601,14 @@ def _curves_section(report: ReportDocument, results: Mapping[str, VariantResult]
 
 def _resource_section(report: ReportDocument, results: Mapping[str, VariantResult]) -> None:
     report.heading("Time and memory per variant")
-    report.text("Wall time of training + predicting all seeds in this process. Peak RSS: the process's resident-memory "
+    report.text("Wall time of training + predicting all seeds in this process, and its CPU time (user + system, all "
+                "threads; unlike wall time it does not grow when other programs share the cores). Peak RSS: the process's resident-memory "
                 "high-water mark during the variant's runs (Linux VmHWM, reset before each run; marked * where it could not "
                 "be reset and is the process maximum so far, getrusage). It includes the loaded data and libraries.")
     rows = []
     for variant, result in results.items():
         infos = list(result.run_infos.values())
-        rows.append({"variant": variant, "seeds": len(infos), "wall s (all seeds)": result.seconds,
+        rows.append({"variant": variant, "seeds": len(infos), "wall s (all seeds)": result.seconds, "CPU s (all seeds)": result.cpu_seconds,
                      "train s per seed": float(np.mean([i["train_seconds"] for i in infos])),
                      "training cells/s": float(np.mean([i["train_cells_per_second"] for i in infos])),
                      "epochs (best)": ", ".join(f"{i['epochs_done']} ({i['best_epoch']})" for i in infos),
@@ -611,7 +622,7 @@ def _reproducibility_section(report: ReportDocument, plan: ComparePlan, first: T
     equivalent = shlex.join(["perturbedvae", "compare", "--config", str(plan.path), *overrides])
     report.code(f"{shlex.join(sys.argv)}\n# equivalent:\n{equivalent}", "bash")
     report.text(f"Compare config `{plan.path}`:")
-    report.code(plan.path.read_text(), "yaml")
+    report.code(plan.text, "yaml")
     report.text(f"Base experiment config `{plan.experiment}` as run for the first variant and seed (each run's own "
                 "config.yaml is in its run directory):")
     report.code(yaml.safe_dump(first.run.config.to_dict(), sort_keys=False), "yaml")

@@ -162,3 +162,10 @@ def test_interaction_summary_correlates_over_doubles():
     assert summary.loc["tracks", "norman_magnitude_pearson"] == pytest.approx(-1.0)
     assert math.isnan(summary.loc["flat", "residual_norm_pearson"])
     assert summary.loc["flat", "mean_residual_pearson"] == pytest.approx(0.5) and summary.loc["flat", "n_doubles"] == 4
+
+
+def test_cli_compare_reports_bad_config_in_one_line(tmp_path, capsys):
+    from perturbedvae.cli import main
+
+    assert main(["compare", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "compare config" in capsys.readouterr().err
