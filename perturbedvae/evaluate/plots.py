@@ -9,7 +9,6 @@ reader who did not write the code: each has a title, labelled axes with units an
 from __future__ import annotations
 
 import base64
-import io
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -54,10 +53,10 @@ def png_base64(path: str | Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def _grid(n_panels: int, n_columns: int, panel_size: tuple[float, float]) -> tuple[Figure, list]:
+def _grid(n_panels: int, n_columns: int, panel_size: tuple[float, float], layout: str | None = None) -> tuple[Figure, list]:
     columns = max(1, min(n_columns, n_panels))
     rows = max(1, math.ceil(n_panels / columns))
-    figure = Figure(figsize=(panel_size[0] * columns, panel_size[1] * rows))
+    figure = Figure(figsize=(panel_size[0] * columns, panel_size[1] * rows), layout=layout)
     axes = figure.subplots(rows, columns, squeeze=False).ravel().tolist()
     for axis in axes[n_panels:]:
         axis.set_visible(False)
@@ -145,7 +144,7 @@ def plot_mask_heatmaps(probabilities: Mapping[str, pd.DataFrame]) -> Figure:
         probabilities: Model -> frame [perturbed genes x latent dimensions] of keep probabilities in [0, 1].
     """
     figure, axes = _grid(len(probabilities), 3, (0.35 * max(frame.shape[1] for frame in probabilities.values()) + 2.5,
-                                                  0.22 * max(frame.shape[0] for frame in probabilities.values()) + 1.5))
+                                                  0.22 * max(frame.shape[0] for frame in probabilities.values()) + 1.5), layout="constrained")
     image = None
     for axis, (model, frame) in zip(axes, probabilities.items()):
         image = axis.imshow(frame.to_numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
@@ -157,7 +156,7 @@ def plot_mask_heatmaps(probabilities: Mapping[str, pd.DataFrame]) -> Figure:
         axis.set_ylabel("perturbed gene")
         axis.set_title(model, fontsize=10)
     if image is not None:
-        figure.colorbar(image, ax=axes, label="P(mask on): perturbation moves the dimension", shrink=0.8)
+        figure.colorbar(image, ax=axes, label="P(mask on)\n(perturbation moves the dimension)", shrink=0.8)
     figure.suptitle("Which latent dimensions each perturbation moves (learned sparse masks)")
     return figure
 
