@@ -11,6 +11,7 @@ from perturbedvae.errors import ConfigError
 from perturbedvae.model import PerturbedVAEConfig
 from perturbedvae.model.causal import LatentCausalLayer
 from perturbedvae.model.likelihoods import (
+    MIN_GAUSSIAN_VARIANCE,
     GaussianHead,
     NegativeBinomialHead,
     gaussian_log_prob,
@@ -178,7 +179,7 @@ def test_heads_initialise_at_the_data_scale():
     gaussian = GaussianHead(4, 3)
     gaussian.initialize_from_data(x)
     torch.testing.assert_close(gaussian(torch.zeros(1, 4)).mean[0], x.mean(0))
-    torch.testing.assert_close(gaussian.log_variance.exp(), x.var(0) + 1e-4)
+    torch.testing.assert_close(gaussian.log_variance.exp(), x.var(0) + MIN_GAUSSIAN_VARIANCE)
     nb = NegativeBinomialHead(4, 3)
     nb.initialize_from_data(x)
     torch.testing.assert_close(nb(torch.zeros(1, 4)).normalized_rate[0], x.sum(0) / x.sum(), rtol=1e-5, atol=1e-6)
