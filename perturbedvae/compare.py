@@ -114,12 +114,19 @@ class ComparePlan:
     variants: dict[str, list[str]]
     settings: CompareSettings
     text: str = ""
+    configs: dict[tuple[str, int], ExperimentConfig] = field(default_factory=dict)
 
     def experiment_config(self, variant: str, seed: int) -> ExperimentConfig:
-        """The experiment of one variant and seed, writing its run under the report directory."""
-        run_dir = Path(self.settings.out_dir) / "runs" / variant / f"seed_{seed}"
-        return load_config(self.experiment, [*self.overrides, *self.variants[variant], f"train.seed={seed}",
-                                             f"output.run_dir={run_dir}", "output.overwrite=true"])
+        """The experiment of one variant and seed, writing its run under the report directory.
+
+        Read once, when the plan is loaded: a long comparison keeps its settings even if a config file
+        is edited while it runs.
+        """
+        if (variant, seed) not in self.configs:
+            run_dir = Path(self.settings.out_dir) / "runs" / variant / f"seed_{seed}"
+            self.configs[(variant, seed)] = load_config(self.experiment, [
+                *self.overrides, *self.variants[variant], f"train.seed={seed}", f"output.run_dir={run_dir}", "output.overwrite=true"])
+        return self.configs[(variant, seed)]
 
 
 def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> ComparePlan:
@@ -155,7 +162,8 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> Comp
     plan = ComparePlan(path.resolve(), experiment, common, variants, settings, path.read_text())
     for variant in variants:
         try:
-            plan.experiment_config(variant, settings.seeds[0])
+            for seed in settings.seeds:
+                plan.experiment_config(variant, seed)
         except ConfigError as error:
             raise ConfigError(f"variant {variant!r}: {error}") from None
     return plan

@@ -169,3 +169,15 @@ def test_cli_compare_reports_bad_config_in_one_line(tmp_path, capsys):
 
     assert main(["compare", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "compare config" in capsys.readouterr().err
+
+
+def test_plan_reads_every_experiment_once(tmp_path):
+    """A comparison keeps its settings when the base config is edited while it runs."""
+    experiment = tmp_path / "base.yaml"
+    experiment.write_text((REPO / "configs" / "synthetic_tiny.yaml").read_text())
+    config = yaml.safe_load(open(write_compare_config(tmp_path)))
+    config["experiment"] = str(experiment)
+    (tmp_path / "compare.yaml").write_text(yaml.safe_dump(config))
+    plan = load_compare_config(tmp_path / "compare.yaml")
+    experiment.write_text(experiment.read_text().replace("lr: 0.003", "lr: 0.5"))
+    assert plan.experiment_config("standalone", 2).train.lr == 0.003
