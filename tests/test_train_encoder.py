@@ -20,7 +20,7 @@ from perturbedvae.encoders.lora import count_trainable
 from perturbedvae.encoders.rank_value import RankValueTransformerEncoder
 from perturbedvae.train.config import ExperimentConfig, load_config
 from perturbedvae.train.representation import CachedEmbeddings, EncoderWithHead
-from perturbedvae.train.runs import load_data, load_or_make_split, build_datamodule, load_run, train_from_config
+from perturbedvae.train.runs import build_datamodule, load_data, load_or_make_split, load_run, train_from_config
 from perturbedvae.train.trainer import Trainer
 from tests.conftest import REPO, VOCAB_DIR
 from tests.test_encoders_geneformer import write_tiny_geneformer

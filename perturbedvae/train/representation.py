@@ -30,7 +30,7 @@ from perturbedvae.encoders import CellEncoder, load_encoder
 from perturbedvae.encoders.embed import check_encoder_coverage
 from perturbedvae.encoders.lora import apply_lora, load_adapters
 from perturbedvae.errors import CheckpointError, ConfigError
-from perturbedvae.model import LossOutput, LossWeights, PerturbedVAEModule
+from perturbedvae.model import LossOutput, LossWeights, PerturbedVAEConfig, PerturbedVAEModule
 from perturbedvae.train.config import RepresentationConfig
 
 PCA_FILE = "representation.npz"
@@ -176,7 +176,7 @@ class EncoderWithHead(torch.nn.Module):
         self._encoder = encoder
 
     @property
-    def config(self):
+    def config(self) -> PerturbedVAEConfig:
         return self.head.config
 
     def train(self, mode: bool = True) -> EncoderWithHead:
