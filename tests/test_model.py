@@ -153,14 +153,10 @@ def _train_on_shuffled_labels(sparsity_weight: float) -> torch.Tensor:
 
 
 def test_sparsity_prior_switches_off_masks_of_perturbations_without_effect():
-    """Shuffled labels carry no signal: the prior pulls keep-probabilities towards 0.1; without it they stay open.
-
-    Effects start large (EFFECT_INIT_STD), so closing a mask changes the reconstruction a lot and the pull
-    is still under way after 600 steps (mean about 0.27); what matters is that the evaluation masks close.
-    """
+    """Shuffled labels carry no signal: the prior pulls keep-probabilities to 0.1; without it they stay open."""
     pruned = _train_on_shuffled_labels(sparsity_weight=5.0)
     unpenalised = _train_on_shuffled_labels(sparsity_weight=0.0)
-    assert pruned.mean() < 0.35
+    assert pruned.mean() < 0.2
     assert (pruned > 0.5).float().mean() < 0.1
     assert unpenalised.mean() > 0.5
 

@@ -28,14 +28,6 @@ INITIAL_KEEP_PROBABILITY = 0.9
 dimensions they do not need. Starting undecided (0.5) makes the early mask draws so noisy that the
 decoder learns to ignore z_p and the prior switches whole genes off (seen on synthetic data)."""
 
-EFFECT_INIT_STD = 5.0
-"""Scale of the initial effect vectors (table mode). Training samples z_inv from a posterior that sits
-close to N(0, I), so the decoder sees every perturbation shift blurred by unit noise in each latent
-dimension; shifts much smaller than that noise are averaged away, and the decoder learns to ignore z
-(seen on Norman with 0.01: every condition got the same prediction, even training singles). Shifts
-several noise widths apart are separable from the first step, and Adam (whose steps are about the
-learning rate) would need thousands of steps to grow them from 0.01."""
-
 _LOGIT_INIT_STD = 0.01
 
 
@@ -73,7 +65,7 @@ class PerturbationEffects(nn.Module):
         if config.gene_feature_dim is None:
             if gene_features is not None:
                 raise ConfigError("gene_features were given but gene_feature_dim is None; set gene_feature_dim")
-            self.effect_table = nn.Parameter(torch.randn(config.n_perturbations, n_latent) * EFFECT_INIT_STD)
+            self.effect_table = nn.Parameter(torch.randn(config.n_perturbations, n_latent) * config.effect_init_std)
             self.logit_table = nn.Parameter(
                 initial_logit + torch.randn(config.n_perturbations, n_latent) * _LOGIT_INIT_STD
             )
