@@ -570,6 +570,10 @@ def _interpretation_section(report: ReportDocument, plan: ComparePlan, results: 
     masks = {variant: view.masks for variant, view in views.items()}
     path = plots.save_figure(plots.plot_mask_heatmaps(masks), figures / "mask_heatmap.png")
     report.figure(path, "Learned masks: probability that a perturbation moves a latent dimension (before causal mixing)")
+    kept = ", ".join(f"`{variant}` {(view.masks >= ACTIVE_MASK_PROBABILITY).sum(axis=1).mean():.1f} of {view.masks.shape[1]}"
+                     for variant, view in views.items())
+    report.text(f"Latent dimensions a perturbation moves (mask probability ≥ {ACTIVE_MASK_PROBABILITY}), mean over perturbations: "
+                f"{kept}. Sparse mechanisms, the premise of the model, show as few dimensions per perturbation.")
     method = "UMAP" if plan.settings.embedding == "umap" else "PCA"
     for variant, view in views.items():
         if len(view.programs):

@@ -218,6 +218,9 @@ def plot_latent_embeddings(
         axis.set_xticks([])
         axis.set_yticks([])
         axis.set_title(subtitle, fontsize=10)
+    for name in names:  # name each condition's group where it sits in the shifted latent
+        centre = np.median(shifted[labels == name], axis=0)
+        axes[1].annotate(name, centre, fontsize=6, ha="center", va="bottom", xytext=(0, 4), textcoords="offset points")
     if len(names) <= max_legend:
         figure.legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
                       markerscale=3, ncol=1 + len(names) // 25, frameon=False, title="condition")
