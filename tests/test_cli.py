@@ -17,7 +17,7 @@ def norman_split(tmp_path_factory, norman_path):
 
 
 def test_split_is_written_and_reproducible(norman_split, tmp_path, norman_path):
-    again = tmp_path / "again.json"
+    again = tmp_path / "new_folder" / "again.json"  # the README's command writes into a folder not yet made
     assert main(["split", "norman2019_subset", "--scheme", "doubles", "--seed", "1", "--out", str(again)]) == 0
     first, second = json.loads(norman_split.read_text()), json.loads(again.read_text())
     assert first["test"] == second["test"] and first["test_subgroups"]["combo_seen2"]

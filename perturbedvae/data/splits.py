@@ -149,7 +149,9 @@ class Split:
 
     def save(self, path: str | Path) -> None:
         """Write the split as indented JSON with sorted keys and lists, so diffs between splits are readable."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Split:
