@@ -39,7 +39,7 @@ def test_evaluate_scores_a_prediction_file_beside_baselines(norman_split, norman
 
     split = Split.load(norman_split)
     predictions = additive(norman_data, split.train, split.test)
-    path = tmp_path / "pred.h5ad"
+    path = tmp_path / "predictions" / "pred.h5ad"
     predictions.write_h5ad(path)
     out = tmp_path / "eval"
     assert main([

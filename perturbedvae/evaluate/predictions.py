@@ -75,6 +75,9 @@ class Predictions:
         )
 
     def write_h5ad(self, path: str | Path) -> None:
+        """Write the predictions as AnnData, creating the folder if needed."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.to_anndata().write_h5ad(path)
 
     @classmethod
