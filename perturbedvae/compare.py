@@ -52,11 +52,22 @@ from perturbedvae.evaluate.baselines import BASELINES, predict_baselines
 from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
 from perturbedvae.evaluate.gi import interaction_summary, interaction_table
 from perturbedvae.evaluate.predictions import Predictions
-from perturbedvae.evaluate.report import SEED_TABLE_METRICS, ReportDocument, seed_statistics, seed_summary_frame
-from perturbedvae.train.config import INPUT_PATH_KEYS, ExperimentConfig, load_config, parse_overrides
+from perturbedvae.evaluate.report import (
+    SEED_TABLE_METRICS,
+    ReportDocument,
+    seed_statistics,
+    seed_summary_frame,
+)
+from perturbedvae.train.config import (
+    INPUT_PATH_KEYS,
+    ExperimentConfig,
+    load_config,
+    parse_overrides,
+)
 from perturbedvae.train.datamodule import is_predictable, multi_hot
 from perturbedvae.train.representation import ENCODER_INPUTS_KEY
 from perturbedvae.train.runs import LoadedRun, load_run, train_from_config
+from perturbedvae.yaml_files import read_yaml_mapping
 
 COMPARE_PREFIX = "compare."
 EMBEDDING_METHODS = ("umap", "pca")
@@ -137,12 +148,7 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> Comp
             make a valid experiment config (checked now, before anything trains).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"compare config {path} does not exist; pass e.g. configs/compare_norman.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    raw = read_yaml_mapping(path, "compare config", "pass e.g. configs/compare_norman.yaml")
     _check_keys(raw, ("experiment", "overrides", "variants", "compare"), "the compare config")
     if not raw.get("experiment"):
         raise ConfigError(f"{path}: set `experiment:` to the base experiment config, e.g. norman_subset.yaml")

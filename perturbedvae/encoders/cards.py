@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from perturbedvae.errors import ConfigError
+from perturbedvae.yaml_files import read_yaml_mapping
 
 VOCAB_DIR_ENV = "PERTURBEDVAE_VOCAB_DIR"
 DEFAULT_VOCAB_DIR = Path("../shared/vocab")
@@ -118,7 +117,7 @@ def load_card(card: str | Path | Mapping[str, Any], vocab_dir: str | Path | None
         raw = dict(card)
     else:
         source = Path(card)
-        raw = _read_yaml(source)
+        raw = read_yaml_mapping(source, "adapter card", "the cards shipped with perturbedvae are in adapters/ (kind: ..., ...)")
     label = str(source) if source else "adapter card"
     kind = raw.get("kind")
     if kind not in KINDS:
@@ -156,18 +155,6 @@ def load_card(card: str | Path | Mapping[str, Any], vocab_dir: str | Path | None
         source=source,
         raw=raw,
     )
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"adapter card {path} does not exist; the cards shipped with perturbedvae are in adapters/")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"adapter card {path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"adapter card {path} must be a YAML mapping of keys (kind: ..., ...)")
-    return raw
 
 
 def _typed(raw: Mapping[str, Any], key: str, expected: type | tuple[type, ...], label: str) -> Any:

@@ -26,6 +26,7 @@ import yaml
 
 from perturbedvae.errors import ConfigError
 from perturbedvae.model.config import PerturbedVAEConfig
+from perturbedvae.yaml_files import read_yaml_mapping
 
 DERIVED_MODEL_FIELDS = ("n_input", "n_genes", "n_perturbations")
 """PerturbedVAEConfig fields the trainer takes from the data, never from the YAML."""
@@ -163,14 +164,7 @@ class ExperimentConfig:
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment config and apply `key=value` overrides (see the module docstring for paths)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass the path of a YAML config, e.g. configs/synthetic_tiny.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, split, model, train, ...)")
+    raw = read_yaml_mapping(path, "config file", "pass a YAML config of sections (data, split, model, train, ...), e.g. configs/synthetic_tiny.yaml")
     _resolve_paths(raw, INPUT_PATH_KEYS, base=path.resolve().parent)
     _resolve_paths(raw, OUTPUT_PATH_KEYS, base=Path.cwd())
     for key, value in parse_overrides(overrides).items():
