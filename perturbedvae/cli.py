@@ -140,10 +140,11 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from perturbedvae.train.runs import predict_conditions
 
     conditions = [text.strip() for text in args.conditions.split(",")]
-    predictions = predict_conditions(args.run_dir, conditions, per_cell=args.per_cell)
+    predictions = predict_conditions(args.run_dir, conditions, per_cell=args.per_cell or args.sample_seed is not None,
+                                     sample_seed=args.sample_seed)
     predictions.write_h5ad(args.out)
-    rows = "cells" if args.per_cell else "conditions"
-    print(f"wrote {args.out}: predictions for {len(predictions.conditions)} conditions (one row per {rows[:-1]})")
+    row = "condition" if predictions.cells is None else ("sampled cell" if args.sample_seed is not None else "cell")
+    print(f"wrote {args.out}: predictions for {len(predictions.conditions)} conditions (one row per {row})")
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
@@ -195,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("run_dir")
     predict.add_argument("--conditions", required=True, help='comma-separated, e.g. "KLF1+MAP2K6,MAPK1"')
     predict.add_argument("--out", required=True, help="PRED.h5ad")
-    predict.add_argument("--per-cell", action="store_true", help="one row per predicted cell instead of per condition")
+    predict.add_argument("--per-cell", action="store_true", help="one row per predicted cell (expected expression)")
+    predict.add_argument("--sample-seed", type=int, default=None,
+                         help="one row per cell drawn from the model (latent and likelihood noise), seeded")
     predict.set_defaults(func=_cmd_predict)
 
     compare = commands.add_parser("compare", help="train variants over seeds beside the baselines; write a report with figures")

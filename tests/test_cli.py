@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pandas as pd
 import pytest
 
@@ -77,5 +79,13 @@ def test_train_then_predict_from_the_command_line(tmp_path, capsys):
     import anndata as ad
 
     assert ad.read_h5ad(out).n_obs == 2
+    sampled = [tmp_path / f"sampled{seed}.h5ad" for seed in (0, 0, 1)]
+    for path, seed in zip(sampled, (0, 0, 1)):
+        assert main(["predict", str(run_dir), "--conditions", f"control,{test[0]}", "--out", str(path),
+                     "--sample-seed", str(seed)]) == 0
+    first, again, other = (ad.read_h5ad(path) for path in sampled)
+    assert set(first.obs["condition"]) == {"control", test[0]} and first.n_obs > 2  # one row per sampled cell
+    np.testing.assert_array_equal(first.X, again.X)
+    assert not np.array_equal(first.X, other.X)
     assert main(["predict", str(run_dir), "--conditions", "NOTAGENE", "--out", str(tmp_path / "x.h5ad")]) == 2
     assert "unknown gene" in capsys.readouterr().err

@@ -343,3 +343,23 @@ def test_gene_features_must_match_the_config():
         PerturbedVAEModule(tiny_config(gene_feature_dim=4), gene_features=torch.zeros(3, 4))
     with pytest.raises(ConfigError, match="gene_feature_dim"):
         PerturbedVAEModule(tiny_config(), gene_features=torch.zeros(N_PERTURBATIONS, 4))
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "nb"])
+def test_sampled_predictions_vary_around_the_expectation(likelihood):
+    module = PerturbedVAEModule(tiny_config(likelihood=likelihood))
+    batch = synthetic_batch(likelihood)
+    h, rows = batch["h"][:8], multi_hot((1,)).expand(8, -1)
+    expected = module.predict(h, rows)
+    torch.manual_seed(0)
+    first = module.predict(h, rows, sample=True)
+    torch.manual_seed(0)
+    assert torch.equal(first, module.predict(h, rows, sample=True))  # seeded draws reproduce
+    assert first.shape == expected.shape and torch.isfinite(first).all()
+    assert not torch.allclose(first, expected)
+    if likelihood == "nb":  # a sampled cell is normalized like the data: expm1 sums to 1e4
+        torch.testing.assert_close(torch.expm1(first).sum(-1), torch.full((8,), NORMALIZATION_TARGET), rtol=1e-3, atol=1.0)
+    else:  # Gaussian draws (latent and likelihood noise) average close to the expectation
+        torch.manual_seed(1)
+        many = torch.stack([module.predict(h, rows, sample=True) for _ in range(400)]).mean(0)
+        assert (many - expected).abs().mean() < 0.25 * (first - expected).abs().mean()

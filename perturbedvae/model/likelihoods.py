@@ -63,6 +63,10 @@ class GaussianOutput:
     def log_normalized(self) -> torch.Tensor:
         return self.mean
 
+    def sample_log_normalized(self) -> torch.Tensor:
+        """One draw per cell from N(mean, variance): a simulated log-normalized cell (torch's global RNG)."""
+        return self.mean + torch.exp(0.5 * self.log_variance) * torch.randn_like(self.mean)
+
 
 @dataclass
 class NegativeBinomialOutput:
@@ -83,8 +87,17 @@ class NegativeBinomialOutput:
         """log1p(1e4 · rate): the expected expression of the cell on the log-normalized scale."""
         return torch.log1p(NORMALIZATION_TARGET * self.normalized_rate)
 
+    def sample_log_normalized(self) -> torch.Tensor:
+        """Counts drawn as Gamma-Poisson (the NB; torch's global RNG), normalized like the data: log1p(1e4 · counts / total)."""
+        mean = self.mean.float()
+        theta = self.inverse_dispersion.float().expand_as(mean)
+        counts = torch.poisson(torch.distributions.Gamma(theta, theta / mean.clamp_min(1e-8)).sample())
+        totals = counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        return torch.log1p(NORMALIZATION_TARGET * counts / totals)
+
 
 GenerativeOutput = GaussianOutput | NegativeBinomialOutput
+
 
 
 class GaussianHead(nn.Module):

@@ -160,8 +160,12 @@ class PerturbedVAEModule(nn.Module):
         h_control: torch.Tensor,
         perturbations: torch.Tensor,
         library_size: torch.Tensor | None = None,
+        sample: bool = False,
     ) -> torch.Tensor:
         """Counterfactual expression [B, n_genes] on the log-normalized scale, for either likelihood.
+
+        With `sample`, each cell is a draw from the model instead of its expectation: z_inv from
+        q(z_inv | h) and expression from the likelihood (torch's global RNG; seed it for reproducibility).
 
         Each control cell keeps its posterior-mean z_inv and receives the z_p of its row of
         `perturbations` ([B, P], or one row [1, P] / [P] applied to every cell), with deterministic
@@ -180,8 +184,12 @@ class PerturbedVAEModule(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            z = self.inference(h_control).qz_mean + self.perturbation_effect(perturbations).z_p
-            return self.generative(z, library_size).log_normalized()
+            posterior = self.inference(h_control)
+            z_inv = posterior.qz_mean
+            if sample:
+                z_inv = z_inv + torch.exp(0.5 * posterior.qz_logvar) * torch.randn_like(z_inv)
+            output = self.generative(z_inv + self.perturbation_effect(perturbations).z_p, library_size)
+            return output.sample_log_normalized() if sample else output.log_normalized()
         finally:
             self.train(was_training)
 

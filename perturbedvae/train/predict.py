@@ -30,10 +30,13 @@ def predict_from_controls(
     conditions: Sequence[str],
     control_cells: np.ndarray,
     per_cell: bool = False,
+    sample_seed: int | None = None,
 ) -> Predictions:
     """Predict canonical `conditions` (all genes in the vocabulary) from the given control cells.
 
     The module runs in eval mode (deterministic masks, no dropout) and is put back in its previous mode.
+    With `sample_seed`, cells are draws from the model (seeded, reproducible) rather than expectations,
+    so per-cell outputs carry the model's cell-to-cell variation for distribution metrics and cell-eval.
     For a representation computed in the loop, `module` is the `EncoderWithHead` that trained with it.
     """
     genes = datamodule.data.genes
@@ -47,24 +50,27 @@ def predict_from_controls(
             inputs["h"] = module.embed_cells(inputs.pop(ENCODER_INPUTS_KEY))
         inputs = {key: value.to(device) for key, value in inputs.items()}
         means, cells = [], []
-        for row in perturbations.to(device):
-            predicted = _predict_cells(module, inputs, row)
-            means.append(predicted.double().mean(dim=0).cpu().numpy())
-            if per_cell:
-                cells.append(predicted.float().cpu().numpy())
+        with torch.random.fork_rng(devices=[]):
+            if sample_seed is not None:
+                torch.manual_seed(sample_seed)
+            for row in perturbations.to(device):
+                predicted = _predict_cells(module, inputs, row, sample_seed is not None)
+                means.append(predicted.double().mean(dim=0).cpu().numpy())
+                if per_cell:
+                    cells.append(predicted.float().cpu().numpy())
     finally:
         module.train(was_training)
     frame = pd.DataFrame(np.stack(means) if means else np.zeros((0, len(genes))), index=list(conditions), columns=genes)
     return Predictions(means=frame, cells=_cells_adata(cells, conditions, genes) if per_cell else None)
 
 
-def _predict_cells(module: torch.nn.Module, inputs: dict[str, torch.Tensor], perturbation: torch.Tensor) -> torch.Tensor:
+def _predict_cells(module: torch.nn.Module, inputs: dict[str, torch.Tensor], perturbation: torch.Tensor, sample: bool) -> torch.Tensor:
     n_cells = inputs["h"].shape[0]
     outputs = []
     for start in range(0, n_cells, _MAX_ROWS_PER_CALL):
         chunk = {key: value[start : start + _MAX_ROWS_PER_CALL] for key, value in inputs.items()}
         rows = perturbation.expand(chunk["h"].shape[0], -1)
-        outputs.append(module.predict(chunk["h"], rows, library_size=chunk.get("library_size")))
+        outputs.append(module.predict(chunk["h"], rows, library_size=chunk.get("library_size"), sample=sample))
     return torch.cat(outputs)
 
 

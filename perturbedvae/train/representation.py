@@ -203,8 +203,9 @@ class EncoderWithHead(torch.nn.Module):
         inputs["h"] = self.embed(batch[ENCODER_INPUTS_KEY])
         return self.head(inputs, weights)
 
-    def predict(self, h_control: torch.Tensor, perturbations: torch.Tensor, library_size: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head.predict(h_control, perturbations, library_size=library_size)
+    def predict(self, h_control: torch.Tensor, perturbations: torch.Tensor, library_size: torch.Tensor | None = None,
+                sample: bool = False) -> torch.Tensor:
+        return self.head.predict(h_control, perturbations, library_size=library_size, sample=sample)
 
 
 def attach_encoder(representation: Representation, head: PerturbedVAEModule) -> torch.nn.Module:

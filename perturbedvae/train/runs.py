@@ -273,7 +273,7 @@ class LoadedRun:
     datamodule: PerturbationDataModule
     predictor: torch.nn.Module
 
-    def predict(self, conditions: Sequence[str], per_cell: bool = False) -> Predictions:
+    def predict(self, conditions: Sequence[str], per_cell: bool = False, sample_seed: int | None = None) -> Predictions:
         """Predicted mean profiles (and per-cell profiles) of conditions spelled as in the run's data.
 
         Rows are named by canonical condition (`B+A` -> `A+B`, `A+ctrl` -> `A`), each once.
@@ -293,7 +293,7 @@ class LoadedRun:
         wanted = sorted({gene for name in canonical for gene in genes_of(name)})
         check_known_genes(wanted, self.model.perturbation_genes, what="perturbation vocabulary of this run (genes perturbed in its training conditions)")
         controls = self.datamodule.control_cells(self.config.train.n_control_cells, self.config.train.seed)
-        return predict_from_controls(self.predictor, self.datamodule, canonical, controls, per_cell=per_cell)
+        return predict_from_controls(self.predictor, self.datamodule, canonical, controls, per_cell=per_cell, sample_seed=sample_seed)
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
@@ -316,9 +316,11 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     return LoadedRun(layout.root, config, split, model, datamodule, attach_encoder(datamodule.representation, model.module))
 
 
-def predict_conditions(run_dir: str | Path, conditions: Sequence[str], per_cell: bool = False) -> Predictions:
+def predict_conditions(
+    run_dir: str | Path, conditions: Sequence[str], per_cell: bool = False, sample_seed: int | None = None
+) -> Predictions:
     """Load a run and predict `conditions` (see `LoadedRun.predict`)."""
-    return load_run(run_dir).predict(conditions, per_cell=per_cell)
+    return load_run(run_dir).predict(conditions, per_cell=per_cell, sample_seed=sample_seed)
 
 
 __all__ = ["SELECTION_METRIC", "LoadedRun", "RunLayout", "load_run", "predict_conditions", "train_from_config"]
