@@ -15,7 +15,13 @@ from perturbedvae.compare import load_compare_config, run_compare
 from perturbedvae.data.de import DEGenes
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.errors import ConfigError
-from perturbedvae.evaluate.gi import additivity_residual, interaction_summary, interaction_table, norman_magnitude, residual_norm
+from perturbedvae.evaluate.gi import (
+    additivity_residual,
+    interaction_summary,
+    interaction_table,
+    norman_magnitude,
+    residual_norm,
+)
 from perturbedvae.evaluate.predictions import Predictions
 from tests.conftest import REPO
 from tests.test_plots import assert_readable_png

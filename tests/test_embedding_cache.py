@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from perturbedvae.data.embedding_cache import MANIFEST, cache_entry, embed_to_cache, load_embeddings, open_embedding_shards
+from perturbedvae.data.embedding_cache import (
+    MANIFEST,
+    cache_entry,
+    embed_to_cache,
+    load_embeddings,
+    open_embedding_shards,
+)
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.encoders import load_encoder
 from perturbedvae.encoders.embed import COVERAGE_FILE, run_embed

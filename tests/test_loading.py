@@ -1,7 +1,6 @@
 import hashlib
 import warnings
 
-import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp

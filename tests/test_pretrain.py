@@ -12,7 +12,14 @@ import torch
 
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.encoders import load_encoder
-from perturbedvae.encoders.pretrain import IGNORE, REPORT_FILE, PretrainConfig, frequency_baselines, mask_tokens, pretrain
+from perturbedvae.encoders.pretrain import (
+    IGNORE,
+    REPORT_FILE,
+    PretrainConfig,
+    frequency_baselines,
+    mask_tokens,
+    pretrain,
+)
 from tests.conftest import REPO, VOCAB_DIR
 
 pytestmark = pytest.mark.filterwarnings("ignore:unpickling", "ignore:no counts found")

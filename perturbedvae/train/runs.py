@@ -31,14 +31,20 @@ from perturbedvae.data.conditions import check_known_genes, genes_of
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.loading import PerturbationData, load_dataset
 from perturbedvae.data.splits import Split, make_split
+from perturbedvae.encoders.lora import save_adapters
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
 from perturbedvae.evaluate import Evaluator, Predictions, compare, write_metrics
 from perturbedvae.model import PerturbedVAE
 from perturbedvae.train.config import DataConfig, ExperimentConfig, SplitConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule, is_predictable
 from perturbedvae.train.predict import predict_from_controls
-from perturbedvae.encoders.lora import save_adapters
-from perturbedvae.train.representation import ADAPTERS_DIR, PCA_FILE, EncoderWithHead, attach_encoder, build_representation
+from perturbedvae.train.representation import (
+    ADAPTERS_DIR,
+    PCA_FILE,
+    EncoderWithHead,
+    attach_encoder,
+    build_representation,
+)
 from perturbedvae.train.trainer import SELECTION_METRIC, Trainer, make_accelerator
 
 MODEL_NAME = "perturbedvae"
