@@ -349,17 +349,22 @@ def test_gene_features_must_match_the_config():
 def test_sampled_predictions_vary_around_the_expectation(likelihood):
     module = PerturbedVAEModule(tiny_config(likelihood=likelihood))
     batch = synthetic_batch(likelihood)
+    module.initialize_from_data(batch["x"])  # expectations at the data's scale, mostly away from the clip at 0
     h, rows = batch["h"][:8], multi_hot((1,)).expand(8, -1)
     expected = module.predict(h, rows)
     torch.manual_seed(0)
     first = module.predict(h, rows, sample=True)
     torch.manual_seed(0)
     assert torch.equal(first, module.predict(h, rows, sample=True))  # seeded draws reproduce
-    assert first.shape == expected.shape and torch.isfinite(first).all()
+    assert first.shape == expected.shape and torch.isfinite(first).all() and (first >= 0).all()
     assert not torch.allclose(first, expected)
     if likelihood == "nb":  # a sampled cell is normalized like the data: expm1 sums to 1e4
         torch.testing.assert_close(torch.expm1(first).sum(-1), torch.full((8,), NORMALIZATION_TARGET), rtol=1e-3, atol=1.0)
-    else:  # Gaussian draws (latent and likelihood noise) average close to the expectation
+    else:  # Gaussian draws (latent and likelihood noise) average close to the expectation where it is not clipped
         torch.manual_seed(1)
         many = torch.stack([module.predict(h, rows, sample=True) for _ in range(400)]).mean(0)
-        assert (many - expected).abs().mean() < 0.25 * (first - expected).abs().mean()
+        away_from_zero = expected > 1.0
+        assert away_from_zero.any()
+        error_of_average = (many - expected)[away_from_zero].abs().mean()
+        # averaging removes the draw noise; what is left is the decoder's curvature over the latent noise
+        assert error_of_average < 0.5 * (first - expected)[away_from_zero].abs().mean()

@@ -64,8 +64,12 @@ class GaussianOutput:
         return self.mean
 
     def sample_log_normalized(self) -> torch.Tensor:
-        """One draw per cell from N(mean, variance): a simulated log-normalized cell (torch's global RNG)."""
-        return self.mean + torch.exp(0.5 * self.log_variance) * torch.randn_like(self.mean)
+        """One draw per cell from N(mean, variance), clipped at 0 (torch's global RNG).
+
+        Log-normalized expression is never negative; the Gaussian is an approximation that puts mass
+        below 0 for lowly expressed genes, and tools that check the scale (cell-eval) refuse negatives.
+        """
+        return (self.mean + torch.exp(0.5 * self.log_variance) * torch.randn_like(self.mean)).clamp_min(0.0)
 
 
 @dataclass
