@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from accelerate.state import AcceleratorState
 
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
+from perturbedvae.train import runs
 from perturbedvae.train.config import ExperimentConfig, load_config
 from perturbedvae.train.runs import RunLayout, load_run, predict_conditions, train_from_config
 
@@ -98,3 +100,25 @@ def test_two_cpu_processes_train_one_run(tmp_path: Path) -> None:
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["distributed_type"].endswith("MULTI_CPU")
     assert [json.loads(line)["epoch"] for line in (run_dir / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def _fail_if_data_is_loaded(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("data was loaded before the output folder was checked")
+
+    monkeypatch.setattr(runs, "load_data", refuse)
+
+
+def test_an_unwritable_run_dir_fails_before_training(tmp_path: Path, monkeypatch) -> None:
+    _fail_if_data_is_loaded(monkeypatch)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="cannot write to output.run_dir"):
+        train_from_config(tiny(blocker / "run"))
+
+
+def test_a_full_disk_fails_before_training(tmp_path: Path, monkeypatch) -> None:
+    _fail_if_data_is_loaded(monkeypatch)
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 2**20, free=2**20))
+    with pytest.raises(ConfigError, match="1 MiB free"):
+        train_from_config(tiny(tmp_path / "run"))

@@ -225,7 +225,33 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
     return layout.root
 
 
+MIN_FREE_BYTES = 200 * 2**20
+"""Free disk a run needs before it starts (checkpoints, the head, logs; embeddings are cached elsewhere)."""
+
+
+def check_writable(root: Path, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+    """Fail before any data is loaded when `root` cannot be written or its disk is (nearly) full.
+
+    Raises:
+        ConfigError: naming the folder and what to do.
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".perturbedvae_write_test"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"cannot write to output.run_dir {root} ({error.strerror or error}); choose a writable folder") from None
+    free = shutil.disk_usage(root).free
+    if free < min_free_bytes:
+        raise ConfigError(
+            f"only {free / 2**20:.0f} MiB free under {root}; a run needs at least {min_free_bytes / 2**20:.0f} MiB "
+            "(checkpoints, model, logs): free some space or choose another output.run_dir"
+        )
+
+
 def _prepare_run_dir(layout: RunLayout, config: ExperimentConfig, resume: bool) -> None:
+    check_writable(layout.root)
     existing = layout.existing_outputs()
     if resume:
         if layout.config.is_file():
@@ -241,7 +267,6 @@ def _prepare_run_dir(layout: RunLayout, config: ExperimentConfig, resume: bool) 
             shutil.rmtree(path)
         else:
             path.unlink()
-    layout.root.mkdir(parents=True, exist_ok=True)
 
 
 def _check_resumable(saved: ExperimentConfig, current: ExperimentConfig) -> None:
