@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from perturbedvae.errors import ConfigError, PerturbedVAEError
+from perturbedvae.yaml_files import parse_value
 
 
 def _key_values(pairs: Sequence[str]) -> dict[str, str]:
@@ -64,19 +65,10 @@ def _cmd_split(args: argparse.Namespace) -> None:
     params = _key_values(args.param)
     if args.column:
         params["column"] = args.column
-    split = make_split(data, args.scheme, seed=args.seed, **{k: _parse_scalar(v) for k, v in params.items()})
+    split = make_split(data, args.scheme, seed=args.seed, **{k: parse_value(v) for k, v in params.items()})
     split.save(args.out)
     sizes = ", ".join(f"{name}: {len(conds)}" for name, conds in split.test_subgroups.items())
     print(f"wrote {args.out}: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test conditions ({sizes})")
-
-
-def _parse_scalar(text: str) -> object:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _evaluate_with_baselines(data, split, model_predictions, out: Path, de_method: str) -> None:
@@ -120,7 +112,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 def _cmd_simulate(args: argparse.Namespace) -> None:
     from perturbedvae.data.synthetic import simulate_to_file
 
-    overrides = {key: _parse_scalar(value) for key, value in _key_values(args.set).items()}
+    overrides = {key: parse_value(value) for key, value in _key_values(args.set).items()}
     path = simulate_to_file(args.out, overwrite=args.overwrite, **overrides)
     print(f"wrote {path}")
 

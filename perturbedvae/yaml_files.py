@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from perturbedvae.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-3` as a number as YAML 1.2 does (PyYAML alone leaves it a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value read as YAML (`3`, `0.4`, `1e-3`, `true`, `[a, b]`, `train`); empty means None."""
+    return yaml.load(text, Loader=_Loader) if text.strip() else None
 
 
 def read_yaml_mapping(path: str | Path, what: str, hint: str) -> dict[str, Any]:
@@ -21,7 +38,7 @@ def read_yaml_mapping(path: str | Path, what: str, hint: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist; {hint}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as error:
         raise ConfigError(f"{what} {path} is not valid YAML: {error}") from None
     if raw is None:

@@ -103,3 +103,13 @@ def test_shipped_configs_load(name: str) -> None:
     config = load_config(REPO / "configs" / name)
     if config.data.path is not None:
         assert Path(config.data.path).is_file()
+
+
+def test_exponent_notation_is_a_number_in_files_and_overrides(config_file: Path, tmp_path: Path) -> None:
+    """PyYAML alone reads `1e-3` as a string; learning rates are written that way."""
+    assert load_config(config_file, ["train.lr=1e-3"]).train.lr == pytest.approx(0.001)
+    raw = yaml.safe_load(config_file.read_text())
+    raw.setdefault("train", {})["lr"] = "LR"
+    edited = tmp_path / "exponent.yaml"
+    edited.write_text(yaml.safe_dump(raw).replace("LR", "2e-4"))
+    assert load_config(edited).train.lr == pytest.approx(2e-4)

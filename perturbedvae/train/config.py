@@ -26,7 +26,7 @@ import yaml
 
 from perturbedvae.errors import ConfigError
 from perturbedvae.model.config import PerturbedVAEConfig
-from perturbedvae.yaml_files import read_yaml_mapping
+from perturbedvae.yaml_files import parse_value, read_yaml_mapping
 
 DERIVED_MODEL_FIELDS = ("n_input", "n_genes", "n_perturbations")
 """PerturbedVAEConfig fields the trainer takes from the data, never from the YAML."""
@@ -183,7 +183,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         if not sep or not key or "." not in key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=3")
         try:
-            parsed[key] = yaml.safe_load(text) if text.strip() else None
+            parsed[key] = parse_value(text)
         except yaml.YAMLError as error:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({error})") from error
     return parsed
