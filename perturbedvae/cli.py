@@ -38,6 +38,8 @@ def _add_data_options(parser: argparse.ArgumentParser, positional: bool = True) 
     group.add_argument("--obs-filter", nargs="*", default=[], metavar="COLUMN=VALUE", help="keep only matching cells")
     group.add_argument("--gene-symbol-key", default=None, help="var column with gene symbols")
     group.add_argument("--min-cells", type=int, default=10, help="warn for conditions with fewer cells")
+    group.add_argument("--backed", action="store_true", default=None,
+                       help="leave expression in the file and read it in chunks (screens larger than memory)")
 
 
 def _load_data(args: argparse.Namespace):
@@ -51,6 +53,7 @@ def _load_data(args: argparse.Namespace):
         "obs_filter": _key_values(args.obs_filter) or None,
         "gene_symbol_key": args.gene_symbol_key,
         "min_cells": args.min_cells,
+        "backed": args.backed,
     }
     options = {key: value for key, value in options.items() if value is not None}
     if args.data in datasets.REGISTRY and not Path(args.data).exists():

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
@@ -65,7 +64,7 @@ def test_vocabulary_is_the_sorted_genes_of_training_conditions(datamodule) -> No
 
 
 def test_batches_hold_training_cells_with_their_multi_hot_and_counts(datamodule, data) -> None:
-    assert sp.issparse(datamodule.target) and sp.issparse(datamodule.representation.matrix)
+    assert datamodule.target.is_sparse and datamodule.representation.matrix.is_sparse
     loader = datamodule.train_loader(batch_size=50, seed=0)
     seen = []
     for batch in loader:

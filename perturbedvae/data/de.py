@@ -7,6 +7,10 @@ group, `rankby_abs=True`, every gene ranked; t-test by default) and derive GEARS
 the first N ranked genes that are expressed in the condition, or silent in both the condition and
 control, so that a gene switched off by the perturbation (a dropout) does not count as DE.
 
+Backed data (expression left in the file) is ranked with the same Welch t statistic computed from
+per-condition sums and sums of squares gathered in one chunked pass, so memory does not grow with
+cells; the Wilcoxon test needs every value of a gene at once and is refused there.
+
 Rankings take seconds to minutes on large data, so they can be cached on disk keyed by the data
 fingerprint; a cache that does not match is an error, never silently reused.
 """
@@ -153,7 +157,7 @@ def compute_de_genes(
         cache_path = Path(cache_dir) / f"de_{data.fingerprint}_{method}_top{n_top}.npz"
         if cache_path.exists():
             return _load_matching(cache_path, data, method, n_top)
-    ranked = _rank_genes(data, method)
+    ranked = _rank_genes_streamed(data, method) if data.backed else _rank_genes(data, method)
     de = DEGenes(method, n_top, ranked, _non_dropout_top(data, ranked, n_top), data.fingerprint)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +209,33 @@ def _rank_genes(data: PerturbationData, method: str) -> dict[str, np.ndarray]:
         for condition in data.condition_names
         if condition != CONTROL
     }
+
+
+def _rank_genes_streamed(data: PerturbationData, method: str) -> dict[str, np.ndarray]:
+    """scanpy's t-test ranking (Welch, unbiased variances, NaN scores as 0, |score| order) from chunked sums."""
+    from scipy import stats
+
+    if method != "t-test":
+        raise DataError(f"DE method {method!r} needs the data in memory; use t-test for backed data or load without backed")
+    _check_cells_per_condition(data)
+    names = data.condition_names
+    sums, sum_squares = data.expression.group_sums(data.condition_codes, len(names), squares=True, progress="DE statistics")
+    n_cells = np.bincount(data.condition_codes, minlength=len(names)).astype(np.float64)[:, None]
+    means = sums / n_cells
+    variances = np.maximum(sum_squares / n_cells - means**2, 0.0) * n_cells / (n_cells - 1)
+    control = names.index(CONTROL)
+    ranked = {}
+    for row, condition in enumerate(names):
+        if condition == CONTROL:
+            continue
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scores, _ = stats.ttest_ind_from_stats(
+                means[row], np.sqrt(variances[row]), n_cells[row, 0],
+                means[control], np.sqrt(variances[control]), n_cells[control, 0], equal_var=False,
+            )
+        magnitude = np.abs(np.nan_to_num(scores, nan=0.0))
+        ranked[condition] = np.argsort(-magnitude, kind="stable").astype(np.int64)
+    return ranked
 
 
 def _check_cells_per_condition(data: PerturbationData) -> None:

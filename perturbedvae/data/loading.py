@@ -1,10 +1,15 @@
 """Load and validate a perturbation AnnData once, so everything downstream can trust it.
 
-The loader reads the user's file into memory and never writes to it. It checks every input users get
-wrong (missing column, no controls, malformed conditions, NaN/inf, duplicated genes, wrong file type),
-detects counts versus log-normalized data, normalizes counts the usual scanpy way (total 1e4 + log1p,
-raw counts kept in `layers['counts']`), and can select highly variable genes while always keeping the
-measured perturbed genes.
+The loader never writes to the user's file. It checks every input users get wrong (missing column, no
+controls, malformed conditions, NaN/inf, duplicated genes, wrong file type), detects counts versus
+log-normalized data, normalizes counts the usual way (total 1e4 + log1p, raw counts kept), and can
+select highly variable genes while always keeping the measured perturbed genes.
+
+By default the expression matrix is read into memory. With `backed=True` only obs/var are: expression
+stays in the file and is read (and normalized) a batch or a chunk at a time through
+`PerturbationData.expression`, so a screen of millions of cells needs memory for its metadata only.
+Either way, code reads expression through `expression`/`counts` (`perturbedvae.data.matrix`), never
+through `adata.X`, so both modes serve the same numbers.
 """
 
 from __future__ import annotations
@@ -22,12 +27,17 @@ import pandas as pd
 import scipy.sparse as sp
 
 from perturbedvae.data.conditions import CONTROL, DEFAULT_CONTROL_LABELS, ConditionSyntax, genes_of
+from perturbedvae.data.matrix import CHUNK_CELLS, BackedRows, ExpressionRows, InMemoryRows, log_normalize
 from perturbedvae.errors import ConditionError, DataError
 
 CONDITION_COLUMN = "perturbedvae_condition"
 """obs column of the working copy holding each cell's canonical condition."""
 
 COUNTS_LAYER = "counts"
+_NEGATIVE_VALUES = (
+    "expression has negative values: it looks scaled or centred. Give raw counts or log-normalized "
+    "data (sc.pp.normalize_total + sc.pp.log1p) instead"
+)
 
 
 @dataclass
@@ -35,12 +45,14 @@ class PerturbationData:
     """A validated perturbation dataset.
 
     Attributes:
-        adata: Working copy; `X` is log-normalized, `obs[CONDITION_COLUMN]` holds canonical conditions.
+        adata: Working copy; `obs[CONDITION_COLUMN]` holds canonical conditions. In memory, `X` is
+            log-normalized (raw counts in `layers['counts']`); backed, it has obs, var and obsm but no `X`.
         syntax: How the source file spells conditions.
         condition_key: The obs column the conditions were read from.
-        is_counts: Whether the source held raw counts (then kept in `layers['counts']`).
+        is_counts: Whether the source held raw counts.
         raw_spelling: Canonical name -> first spelling in the source (GEARS' split sorts spellings).
         source: Path of the file read, if any.
+        backed_rows: For a backed dataset, the file's (normalized) expression rows; None in memory.
     """
 
     adata: ad.AnnData
@@ -49,6 +61,24 @@ class PerturbationData:
     is_counts: bool
     raw_spelling: dict[str, str] = field(default_factory=dict)
     source: str | None = None
+    backed_rows: BackedRows | None = None
+
+    @property
+    def backed(self) -> bool:
+        """Whether expression stays in the file (read per batch) rather than in memory."""
+        return self.backed_rows is not None
+
+    @property
+    def expression(self) -> ExpressionRows:
+        """Log-normalized expression, cells x genes, float32."""
+        return self.backed_rows if self.backed_rows is not None else InMemoryRows(self.adata.X)
+
+    @property
+    def counts(self) -> ExpressionRows | None:
+        """Raw counts, when the source held counts."""
+        if not self.is_counts:
+            return None
+        return self.backed_rows.raw() if self.backed_rows is not None else InMemoryRows(self.adata.layers[COUNTS_LAYER])
 
     @property
     def conditions(self) -> np.ndarray:
@@ -75,18 +105,17 @@ class PerturbationData:
         return np.flatnonzero(self.conditions == condition)
 
     @cached_property
+    def condition_codes(self) -> np.ndarray:
+        """Per cell, the position of its condition in `condition_names`."""
+        return pd.Index(self.condition_names).get_indexer(self.conditions)
+
+    @cached_property
     def mean_profiles(self) -> pd.DataFrame:
-        """Mean log-normalized profile of every condition (conditions x genes, float64)."""
-        codes, uniques = pd.factorize(self.conditions)
-        n_groups = len(uniques)
-        indicator = sp.csr_matrix(
-            (np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_groups, len(codes))
-        )
-        sums = indicator @ self.adata.X
-        sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
-        counts = np.bincount(codes, minlength=n_groups)[:, None]
-        frame = pd.DataFrame(sums / counts, index=list(uniques), columns=self.genes)
-        return frame.loc[self.condition_names]
+        """Mean log-normalized profile of every condition (conditions x genes, float64), in one chunked pass."""
+        n_groups = len(self.condition_names)
+        sums, _ = self.expression.group_sums(self.condition_codes, n_groups, progress="condition means" if self.backed else None)
+        counts = np.bincount(self.condition_codes, minlength=n_groups)[:, None]
+        return pd.DataFrame(sums / counts, index=self.condition_names, columns=self.genes)
 
     @property
     def control_mean(self) -> np.ndarray:
@@ -94,22 +123,28 @@ class PerturbationData:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Short hash of expression, genes and conditions: keys caches and is printed in reports."""
-        digest = hashlib.sha256()
-        matrix = self.adata.X
-        if sp.issparse(matrix):
-            matrix = matrix.tocsr()
-            for part in (matrix.data, matrix.indices, matrix.indptr):
-                digest.update(np.ascontiguousarray(part).tobytes())
-        else:
-            digest.update(np.ascontiguousarray(matrix).tobytes())
+        """Short hash of expression, genes and conditions: keys caches and is printed in reports.
+
+        Hashed chunk by chunk (values, column indices and row lengths separately), so the same data gives
+        the same fingerprint in memory and backed.
+        """
+        parts = [hashlib.sha256() for _ in range(3)]
+        for _, block in self.expression.chunks():
+            if sp.issparse(block):
+                block.sum_duplicates()  # chunks are copies; the file may store unsorted column indices
+                pieces = (block.data, block.indices.astype(np.int64), np.diff(block.indptr).astype(np.int64))
+            else:
+                pieces = (block, np.zeros(0), np.zeros(0))
+            for digest, piece in zip(parts, pieces):
+                digest.update(np.ascontiguousarray(piece).tobytes())
+        digest = hashlib.sha256(b"".join(part.digest() for part in parts))
         digest.update("\x1f".join(self.genes).encode())
         digest.update("\x1f".join(map(str, self.conditions)).encode())
         return digest.hexdigest()[:16]
 
 
-def read_h5ad(path: str | Path) -> ad.AnnData:
-    """Read an .h5ad file into memory with a clear error for a missing or non-h5ad file."""
+def read_h5ad(path: str | Path, backed: bool = False) -> ad.AnnData:
+    """Read an .h5ad file (into memory, or read-only backed) with a clear error for a missing or non-h5ad file."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
@@ -121,7 +156,7 @@ def read_h5ad(path: str | Path) -> ad.AnnData:
             "(e.g. sc.read_10x_h5(...).write_h5ad('data.h5ad'))"
         )
     try:
-        return ad.read_h5ad(path)
+        return ad.read_h5ad(path, backed="r") if backed else ad.read_h5ad(path)
     except Exception as error:  # h5py/anndata raise many types for a corrupt file
         raise DataError(f"{path} could not be read as an AnnData .h5ad file ({type(error).__name__}: {error})") from error
 
@@ -136,6 +171,7 @@ def load_dataset(
     gene_symbol_key: str | None = None,
     min_cells: int = 10,
     n_top_genes: int | None = None,
+    backed: bool = False,
 ) -> PerturbationData:
     """Load, validate and normalize a perturbation dataset.
 
@@ -147,11 +183,14 @@ def load_dataset(
         obs_filter: Keep only cells whose obs columns equal these values, e.g. `{"dataset": "norman19"}`.
         gene_symbol_key: var column with gene symbols to use as gene names (default: `var_names`).
         min_cells: Conditions with fewer cells trigger a warning (their metrics are noisy).
-        n_top_genes: Keep this many highly variable genes plus every measured perturbed gene.
+        n_top_genes: Keep this many highly variable genes plus every measured perturbed gene (in memory only).
+        backed: Leave expression in the file (a path, CSR or dense `X`) and read it per batch or chunk.
 
     Raises:
         DataError, ConditionError: with a message naming the fix.
     """
+    if backed:
+        return _load_backed(source, condition_key, control_labels, delimiter, obs_filter, gene_symbol_key, min_cells, n_top_genes)
     if isinstance(source, ad.AnnData):
         adata, path = source.copy(), None
     else:
@@ -159,32 +198,86 @@ def load_dataset(
     if adata.isbacked:
         adata = adata.to_memory()
     adata = _apply_obs_filter(adata, obs_filter)
-    _use_gene_symbols(adata, gene_symbol_key)
-    _check_gene_names(adata)
-    syntax = ConditionSyntax(tuple(control_labels) if control_labels else DEFAULT_CONTROL_LABELS, delimiter)
-    canonical, raw_spelling = _parse_conditions(adata, condition_key, syntax)
-    adata.obs[CONDITION_COLUMN] = pd.Categorical(canonical)
-    _warn_small_conditions(canonical, min_cells)
+    syntax, raw_spelling = _annotate_conditions(adata, condition_key, control_labels, delimiter, gene_symbol_key, min_cells)
     adata.X = _as_float32(adata.X)
     _check_finite(adata.X)
     is_counts = looks_like_counts(adata.X)
     if is_counts:
         _normalize_counts(adata)
     elif _min_value(adata.X) < 0:
-        raise DataError(
-            "expression has negative values: it looks scaled or centred. Give raw counts or log-normalized "
-            "data (sc.pp.normalize_total + sc.pp.log1p) instead"
-        )
+        raise DataError(_NEGATIVE_VALUES)
     data = PerturbationData(adata, syntax, condition_key, is_counts, raw_spelling, path)
     if n_top_genes is not None:
         data = select_highly_variable_genes(data, n_top_genes)
     return data
 
 
+def _annotate_conditions(
+    adata: ad.AnnData, condition_key: str, control_labels: Sequence[str] | None, delimiter: str,
+    gene_symbol_key: str | None, min_cells: int,
+) -> tuple[ConditionSyntax, dict[str, str]]:
+    """Check gene names and conditions and write canonical conditions to `obs[CONDITION_COLUMN]`."""
+    _use_gene_symbols(adata, gene_symbol_key)
+    _check_gene_names(adata)
+    syntax = ConditionSyntax(tuple(control_labels) if control_labels else DEFAULT_CONTROL_LABELS, delimiter)
+    canonical, raw_spelling = _parse_conditions(adata, condition_key, syntax)
+    adata.obs[CONDITION_COLUMN] = pd.Categorical(canonical)
+    _warn_small_conditions(canonical, min_cells)
+    return syntax, raw_spelling
+
+
+def _load_backed(
+    source: str | Path | ad.AnnData, condition_key: str, control_labels: Sequence[str] | None, delimiter: str,
+    obs_filter: Mapping[str, object] | None, gene_symbol_key: str | None, min_cells: int, n_top_genes: int | None,
+) -> PerturbationData:
+    """Metadata into memory, expression left in the file and checked in one chunked pass."""
+    if isinstance(source, ad.AnnData):
+        raise DataError("backed loading reads a file; pass the .h5ad path rather than an AnnData")
+    if n_top_genes is not None:
+        raise DataError(
+            "n_top_genes needs the whole matrix in memory; select genes once in memory and write the subset, "
+            "or load without backed=True"
+        )
+    metadata = read_h5ad(source, backed=True)
+    try:
+        adata = ad.AnnData(obs=metadata.obs.copy(), var=metadata.var.copy(), obsm=dict(metadata.obsm.items()))
+    finally:
+        metadata.file.close()
+    keep = _obs_filter_mask(adata, obs_filter)
+    adata = adata[keep].copy() if not keep.all() else adata
+    syntax, raw_spelling = _annotate_conditions(adata, condition_key, control_labels, delimiter, gene_symbol_key, min_cells)
+    rows = BackedRows(source, cells=np.flatnonzero(keep))
+    is_counts = _check_backed_values(rows)
+    rows.normalize = is_counts
+    return PerturbationData(adata, syntax, condition_key, is_counts, raw_spelling, str(source), backed_rows=rows)
+
+
+def _check_backed_values(rows: BackedRows) -> bool:
+    """The in-memory checks (finite, non-negative) over every chunk; returns whether the values are counts."""
+    from tqdm.auto import tqdm
+
+    integral, maximum, n_chunks = True, 0.0, -(-rows.shape[0] // CHUNK_CELLS)
+    for _, block in tqdm(rows.chunks(), desc="checking expression", total=n_chunks, unit="chunk", disable=n_chunks < 8):
+        _check_finite(block)
+        values = _values(block)
+        if _min_value(block) < 0:
+            raise DataError(_NEGATIVE_VALUES)
+        if values.size:
+            integral = integral and bool(np.all(np.mod(values, 1) == 0))
+            maximum = max(maximum, float(values.max()))
+    return integral and maximum > 20
+
+
 def _apply_obs_filter(adata: ad.AnnData, obs_filter: Mapping[str, object] | None) -> ad.AnnData:
-    if not obs_filter:
-        return adata
+    keep = _obs_filter_mask(adata, obs_filter)
+    return adata if keep.all() else adata[keep].copy()
+
+
+def _obs_filter_mask(adata: ad.AnnData, obs_filter: Mapping[str, object] | None) -> np.ndarray:
+    """Cells whose obs columns equal the filter's values (all cells without a filter)."""
     keep = np.ones(adata.n_obs, dtype=bool)
+    if not obs_filter:
+        return keep
     for column, value in obs_filter.items():
         if column not in adata.obs:
             raise DataError(f"obs_filter column {column!r} not in obs; available: {', '.join(map(str, adata.obs.columns))}")
@@ -192,7 +285,7 @@ def _apply_obs_filter(adata: ad.AnnData, obs_filter: Mapping[str, object] | None
         if str(value) not in present:
             raise DataError(f"obs_filter: no cell has {column} == {value!r}; values present: {', '.join(sorted(present))}")
         keep &= adata.obs[column].astype(str).to_numpy() == str(value)
-    return adata[keep].copy()
+    return keep
 
 
 def _use_gene_symbols(adata: ad.AnnData, gene_symbol_key: str | None) -> None:
@@ -261,8 +354,12 @@ def _warn_small_conditions(canonical: np.ndarray, min_cells: int) -> None:
 
 
 def _as_float32(matrix):
+    """float32, and CSR in canonical form: scipy sorts indices in place on first column slicing, which would
+    otherwise change the stored arrays (and the fingerprint) of data that did not change."""
     if sp.issparse(matrix):
-        return sp.csr_matrix(matrix, dtype=np.float32)
+        matrix = sp.csr_matrix(matrix, dtype=np.float32)
+        matrix.sum_duplicates()
+        return matrix
     array = np.asarray(matrix)
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise DataError(f"expression matrix has dtype {array.dtype}; expected real numbers")
@@ -296,11 +393,8 @@ def looks_like_counts(matrix, sample: int = 100_000) -> bool:
 
 
 def _normalize_counts(adata: ad.AnnData) -> None:
-    import scanpy as sc
-
     adata.layers[COUNTS_LAYER] = adata.X.copy()
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
+    adata.X = log_normalize(adata.X)
 
 
 def select_highly_variable_genes(data: PerturbationData, n_top_genes: int) -> PerturbationData:
@@ -308,6 +402,8 @@ def select_highly_variable_genes(data: PerturbationData, n_top_genes: int) -> Pe
     import scanpy as sc
 
     adata = data.adata
+    if data.backed:
+        raise DataError("highly variable gene selection needs the data in memory; load without backed=True")
     if n_top_genes <= 0:
         raise DataError(f"n_top_genes must be positive, got {n_top_genes}")
     if n_top_genes < adata.n_vars:

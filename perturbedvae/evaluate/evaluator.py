@@ -179,13 +179,13 @@ class Evaluator:
 
     def _cell_scores(self, condition: str, predictions: Predictions, predicted_mean: np.ndarray) -> dict[str, float]:
         rng = np.random.default_rng([self.seed, zlib.crc32(condition.encode())])
-        observed = self._sample_rows(self.data.adata.X, self.data.cell_indices(condition), rng)
+        observed = self._sample_rows(self.data.expression, self.data.cell_indices(condition), rng)
         if predictions.cells is not None:
             cells = predictions.cells
             rows = np.flatnonzero(cells.obs[PREDICTION_CONDITION_KEY].astype(str).to_numpy() == condition)
             predicted = self._sample_rows(cells.X, rows, rng)
         else:
-            control = self._sample_rows(self.data.adata.X, self.data.cell_indices(CONTROL), rng)
+            control = self._sample_rows(self.data.expression, self.data.cell_indices(CONTROL), rng)
             predicted = control + (predicted_mean - self._control)
         return {
             "nrmse": metrics.mean_over_cell_batches(metrics.normalized_rmse, predicted, observed, self.batch_size),

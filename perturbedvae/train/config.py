@@ -44,6 +44,8 @@ class DataConfig:
 
     Exactly one of `path` (an .h5ad file) and `synthetic` (fields of `SimulationConfig`, simulated in
     memory at the start of the run) is set. `de_method`/`n_de_genes` pick the DE genes of the metrics.
+    `backed` leaves expression in the file and reads it per batch (memory bounded by the batch, for
+    screens too large for memory; representation kinds expression and obsm).
     """
 
     path: str | None = None
@@ -56,6 +58,7 @@ class DataConfig:
     gene_symbol_key: str | None = None
     de_method: str = "t-test"
     n_de_genes: int = 20
+    backed: bool = False
 
 
 @dataclass

@@ -4,8 +4,9 @@ Training cells are the cells of the split's training conditions (control include
 `h` (the representation; for an encoder run inside the step, its `prepare` rows under
 `ENCODER_INPUTS_KEY` instead), `x` (the target: log-normalized expression for a gaussian head, raw counts for
 a negative-binomial one), `perturbations` (multi-hot over the perturbation vocabulary: the genes
-perturbed in training conditions, sorted) and, when counts exist, `library_size`. Sparse matrices stay
-sparse until a batch is collated, so memory scales with the data's non-zeros, not cells x genes.
+perturbed in training conditions, sorted) and, when counts exist, `library_size`. Rows are gathered from
+`PerturbationData.expression`/`counts` only when a batch is collated, and sparse rows are densified only
+then, so memory scales with the data's non-zeros in memory, and with the batch for backed data.
 
 The shuffling order is a pure function of (seed, epoch), which is what lets a resumed run replay
 exactly the batches an uninterrupted run would have seen.
@@ -22,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from perturbedvae.data.conditions import CONTROL, genes_of
-from perturbedvae.data.loading import COUNTS_LAYER, PerturbationData
+from perturbedvae.data.loading import PerturbationData
+from perturbedvae.data.matrix import ExpressionRows
 from perturbedvae.data.splits import Split
 from perturbedvae.errors import ConfigError, SplitError
 from perturbedvae.train.representation import ENCODER_INPUTS_KEY, CachedEmbeddings, Representation
@@ -60,7 +62,7 @@ class PerturbationDataModule:
         data: The loaded dataset.
         split: Its split (checked to match the data).
         representation: `h` for every cell.
-        target: `x` for every cell (sparse or dense).
+        target: `x` for every cell, read by rows.
         library_size: Total counts per cell, when the data held counts.
         perturbation_genes: The perturbation vocabulary.
         train_cells: Row numbers of the training cells.
@@ -72,7 +74,7 @@ class PerturbationDataModule:
     data: PerturbationData
     split: Split
     representation: Representation
-    target: np.ndarray | sp.csr_matrix
+    target: ExpressionRows
     library_size: np.ndarray | None
     perturbation_genes: list[str]
     train_cells: np.ndarray
@@ -92,23 +94,19 @@ class PerturbationDataModule:
         train_cells = np.flatnonzero(np.isin(data.conditions, split.train))
         if not np.any(data.conditions[train_cells] == CONTROL):
             raise SplitError("no control cells among the training cells; counterfactual predictions start from controls")
-        has_counts = COUNTS_LAYER in data.adata.layers
-        if likelihood == "nb" and not has_counts:
+        counts = data.counts
+        if likelihood == "nb" and counts is None:
             raise ConfigError(
                 "model.likelihood nb needs raw counts, but the data is log-normalized; "
                 "use model.likelihood=gaussian or load the raw-count file"
             )
-        target = data.adata.layers[COUNTS_LAYER] if likelihood == "nb" else data.adata.X
-        target = sp.csr_matrix(target, dtype=np.float32) if sp.issparse(target) else np.asarray(target, dtype=np.float32)
-        library_size = None
-        if has_counts:
-            library_size = np.asarray(data.adata.layers[COUNTS_LAYER].sum(axis=1), dtype=np.float32).ravel()
+        target = counts if likelihood == "nb" else data.expression
+        library_size = None if counts is None else counts.row_sums().astype(np.float32)
         return cls(data, split, representation, target, library_size, vocabulary, train_cells)
 
     def __post_init__(self) -> None:
         names = self.data.condition_names
-        code_of = {name: index for index, name in enumerate(names)}
-        self.condition_codes = np.array([code_of[name] for name in self.data.conditions], dtype=np.int64)
+        self.condition_codes = self.data.condition_codes.astype(np.int64)
         predictable = [name if is_predictable(name, self.perturbation_genes) else CONTROL for name in names]
         self.condition_multi_hot = multi_hot(predictable, self.perturbation_genes)
 
@@ -191,7 +189,7 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n_items).tolist())
 
 
-def _dense_rows(matrix: np.ndarray | sp.csr_matrix | CachedEmbeddings, rows: np.ndarray) -> np.ndarray:
+def _dense_rows(matrix: np.ndarray | ExpressionRows | CachedEmbeddings, rows: np.ndarray) -> np.ndarray:
     selected = matrix[rows]
     selected = selected.toarray() if sp.issparse(selected) else selected
     return np.ascontiguousarray(selected, dtype=np.float32)

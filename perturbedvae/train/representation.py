@@ -26,6 +26,7 @@ import torch
 
 from perturbedvae.data.embedding_cache import embed_to_cache, open_embedding_shards
 from perturbedvae.data.loading import PerturbationData
+from perturbedvae.data.matrix import ExpressionRows
 from perturbedvae.encoders import CellEncoder, load_encoder
 from perturbedvae.encoders.embed import check_encoder_coverage
 from perturbedvae.encoders.lora import apply_lora, load_adapters
@@ -39,7 +40,6 @@ ENCODER_INPUTS_KEY = "encoder_inputs"
 """Batch key of the encoder's `prepare` rows when the encoder runs inside the training step."""
 DEFAULT_CACHE_DIR = Path("~/.cache/perturbedvae/embeddings")
 _PCA_FIT_MAX_CELLS = 50_000
-_PROJECT_CHUNK = 8192
 
 
 class CachedEmbeddings:
@@ -82,7 +82,7 @@ class Representation:
     """`h` of every cell: a `matrix` [n_cells, dim], or encoder `inputs` when the encoder runs in the loop.
 
     Attributes:
-        matrix: Dense, sparse (raw expression only) or cached embeddings; None when `inputs` is set.
+        matrix: Dense (PCA, obsm), expression rows or cached embeddings; None when `inputs` is set.
         fitted: Arrays that define the representation beyond the config (PCA `mean`, `components`).
         encoder: The cell encoder (kind "encoder"); it also gives gene features.
         inputs: The encoder's `prepare` tensors (row i = cell i) for an encoder run inside each step.
@@ -90,7 +90,7 @@ class Representation:
         embed_batch_size: Cells per encoder call outside training (predictions).
     """
 
-    matrix: np.ndarray | sp.csr_matrix | CachedEmbeddings | None
+    matrix: np.ndarray | ExpressionRows | CachedEmbeddings | None
     fitted: dict[str, np.ndarray] = field(default_factory=dict)
     encoder: CellEncoder | None = None
     inputs: dict[str, torch.Tensor] | None = None
@@ -127,12 +127,17 @@ def build_representation(
     if config.kind == "obsm":
         return Representation(_obsm_matrix(data, config.obsm_key))
     if config.kind == "encoder":
+        if data.backed:
+            raise ConfigError(
+                "encoder representations read the whole matrix; load the data in memory (data.backed=false), "
+                "or embed it once and give the embeddings as representation.kind=obsm"
+            )
         return _encoder_representation(config, data, run_dir)
-    matrix = data.adata.X
+    expression = data.expression
     if config.n_components is None:
-        return Representation(sp.csr_matrix(matrix) if sp.issparse(matrix) else np.asarray(matrix, dtype=np.float32))
-    fitted = _load_pca(run_dir) if run_dir is not None else _fit_pca(matrix, train_cells, config.n_components)
-    return Representation(_project(matrix, fitted["mean"], fitted["components"]), fitted)
+        return Representation(expression)
+    fitted = _load_pca(run_dir) if run_dir is not None else _fit_pca(expression, train_cells, config.n_components)
+    return Representation(_project(expression, fitted["mean"], fitted["components"]), fitted)
 
 
 def _encoder_representation(config: RepresentationConfig, data: PerturbationData, run_dir: Path | None) -> Representation:
@@ -232,7 +237,7 @@ def _obsm_matrix(data: PerturbationData, key: str | None) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
-def _fit_pca(matrix, train_cells: np.ndarray, n_components: int) -> dict[str, np.ndarray]:
+def _fit_pca(matrix: ExpressionRows, train_cells: np.ndarray, n_components: int) -> dict[str, np.ndarray]:
     """Principal axes of the training cells from the gene covariance (deterministic, sparse-friendly)."""
     n_genes = matrix.shape[1]
     if n_components > n_genes:
@@ -251,12 +256,12 @@ def _fit_pca(matrix, train_cells: np.ndarray, n_components: int) -> dict[str, np
     return {"mean": mean.astype(np.float32), "components": (components * signs).astype(np.float32)}
 
 
-def _project(matrix, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+def _project(matrix: ExpressionRows, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """PCA coordinates of every cell, chunk by chunk: (x - mean) @ components without densifying the matrix."""
     out = np.empty((matrix.shape[0], components.shape[1]), dtype=np.float32)
-    for start in range(0, matrix.shape[0], _PROJECT_CHUNK):
-        rows = matrix[start : start + _PROJECT_CHUNK]
-        rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
-        out[start : start + len(rows)] = (rows - mean) @ components
+    offset = mean @ components
+    for start, rows in matrix.chunks():
+        out[start : start + rows.shape[0]] = np.asarray(rows @ components) - offset
     return out
 
 

@@ -120,6 +120,7 @@ def load_data(config: DataConfig) -> PerturbationData:
         obs_filter=config.obs_filter,
         gene_symbol_key=config.gene_symbol_key,
         n_top_genes=config.n_top_genes,
+        backed=config.backed,
     )
 
 
