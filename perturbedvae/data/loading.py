@@ -102,12 +102,19 @@ class PerturbationData:
         return sorted({gene for name in self.condition_names for gene in genes_of(name)})
 
     def cell_indices(self, condition: str) -> np.ndarray:
-        return np.flatnonzero(self.conditions == condition)
+        """Row numbers of a canonical condition's cells (empty for a condition the data lacks)."""
+        if condition not in self._condition_position:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(self.condition_codes == self._condition_position[condition])
+
+    @cached_property
+    def _condition_position(self) -> dict[str, int]:
+        return {name: position for position, name in enumerate(self.condition_names)}
 
     @cached_property
     def condition_codes(self) -> np.ndarray:
         """Per cell, the position of its condition in `condition_names`."""
-        return pd.Index(self.condition_names).get_indexer(self.conditions)
+        return pd.Index(self.condition_names).get_indexer(self.conditions).astype(np.int64)
 
     @cached_property
     def mean_profiles(self) -> pd.DataFrame:
