@@ -29,3 +29,7 @@ class ConfigError(PerturbedVAEError, ValueError):
 
 class CheckpointError(PerturbedVAEError, ValueError):
     """A saved model, checkpoint or cache is missing, corrupt or does not match."""
+
+
+class TrainingDivergedError(PerturbedVAEError, RuntimeError):
+    """The loss became NaN or infinite; the message names the step, the cells and the usual fixes."""

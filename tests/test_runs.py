@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,20 +87,81 @@ def test_an_existing_run_is_not_overwritten_silently(run_dir: Path, tmp_path: Pa
     assert RunLayout(tmp_path).existing_outputs() == []
 
 
+def _launch(run_dir: Path, *launch_options: str, overrides: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`accelerate launch` of scripts/train.py on the tiny config, as CPU processes."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_options, "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(REPO / "scripts" / "train.py"), "--config", str(TINY),
+               f"output.run_dir={run_dir}", "train.epochs=2", *overrides]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=run_dir.parent)
+
+
+def _finish(process: subprocess.Popen) -> None:
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_two_cpu_processes_train_one_run(tmp_path: Path) -> None:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "scripts" / "train.py"), "--config", str(TINY),
-               f"output.run_dir={tmp_path / 'ddp'}", "train.epochs=2", "train.checkpoint_every=0"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_two_cpu_processes_train_one_run_that_resumes_in_one_process(tmp_path: Path) -> None:
     run_dir = tmp_path / "ddp"
+    _finish(_launch(run_dir, "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
+                    "--main_process_port", str(_free_port()), overrides=("train.checkpoint_every=1",)))
     assert {path.name for path in tmp_path.iterdir()} == {"ddp"}
-    assert {path.name for path in run_dir.iterdir()} == RUN_FILES - {"checkpoints"}
+    assert {path.name for path in run_dir.iterdir()} == RUN_FILES
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["distributed_type"].endswith("MULTI_CPU")
+    assert sorted(path.name for path in (run_dir / "checkpoints" / "epoch_0002").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+
+    # the checkpoint written by 2 processes resumes in 1, and the finished run loads in 1
+    train_from_config(load_config(run_dir / "config.yaml", ["train.epochs=3"]), resume=True)
+    assert [json.loads(line)["epoch"] for line in (run_dir / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert json.loads((run_dir / "run_info.json").read_text())["world_size"] == 1
+    run = load_run(run_dir)
+    assert np.isfinite(run.predict(run.split.test).means.to_numpy()).all()
+
+
+@pytest.mark.slow
+def test_the_multi_node_config_trains_across_two_launchers(tmp_path: Path) -> None:
+    """Two `accelerate launch` commands, one per "machine" (rank 0 and 1), meeting at the main one's address."""
+    run_dir, port = tmp_path / "two_nodes", str(_free_port())
+    launchers = [
+        _launch(run_dir, "--config_file", str(REPO / "configs" / "accelerate" / "multi_node.yaml"), "--num_processes", "2",
+                "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port)
+        for rank in (0, 1)
+    ]
+    for launcher in launchers:
+        _finish(launcher)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["world_size"] == 2
     assert [json.loads(line)["epoch"] for line in (run_dir / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_the_accelerate_configs_are_what_accelerate_reads() -> None:
+    """Each file in configs/accelerate loads with accelerate's own parser (unknown keys fail) as documented."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    expected = {  # file: (distributed type, processes, machines, precision)
+        "single_gpu": (DistributedType.NO, 1, 1, "no"),
+        "multi_gpu_bf16": (DistributedType.MULTI_GPU, 8, 1, "bf16"),
+        "fsdp": (DistributedType.FSDP, 8, 1, "bf16"),
+        "multi_node": (DistributedType.MULTI_GPU, 16, 2, "bf16"),
+        "cpu_2proc": (DistributedType.MULTI_GPU, 2, 1, "no"),
+    }
+    folder = REPO / "configs" / "accelerate"
+    assert {path.stem for path in folder.glob("*.yaml")} == set(expected)
+    for name, (kind, processes, machines, precision) in expected.items():
+        config = load_config_from_file(str(folder / f"{name}.yaml"))
+        assert (config.distributed_type, config.num_processes, config.num_machines, config.mixed_precision) == (
+            kind, processes, machines, precision), name
+    assert load_config_from_file(str(folder / "fsdp.yaml")).fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
 
 
 def _fail_if_data_is_loaded(monkeypatch) -> None:

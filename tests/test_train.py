@@ -15,12 +15,12 @@ from perturbedvae.data.conditions import CONTROL, genes_of
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.data.splits import make_split
 from perturbedvae.data.synthetic import SimulationConfig, simulate
-from perturbedvae.errors import CheckpointError
-from perturbedvae.train.config import ExperimentConfig
+from perturbedvae.errors import CheckpointError, ConfigError, TrainingDivergedError
+from perturbedvae.train.config import ExperimentConfig, TrainConfig
 from perturbedvae.train.datamodule import EpochShuffleSampler, PerturbationDataModule, perturbation_vocabulary
 from perturbedvae.train.representation import build_representation
 from perturbedvae.train.runs import train_from_config
-from perturbedvae.train.trainer import Trainer, TrainingDivergedError, warmup_factor
+from perturbedvae.train.trainer import Trainer, make_accelerator, warmup_factor
 
 SIMULATION = {"n_genes": 40, "n_latent": 4, "n_perturbations": 6, "n_combinations": 8, "cells_per_condition": 15, "n_control_cells": 60}
 
@@ -159,3 +159,10 @@ def test_resume_after_an_interrupt_reaches_the_uninterrupted_result(tmp_path: Pa
 def test_resume_without_checkpoint_is_refused(datamodule, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="checkpoint_every"):
         Trainer(tiny_config(tmp_path), datamodule, tmp_path).fit(resume=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_fsdp_without_a_gpu_is_refused_with_the_cpu_alternative(monkeypatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="cpu_2proc.yaml"):
+        make_accelerator(TrainConfig())

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from perturbedvae.data.loading import PerturbationData
-from perturbedvae.errors import CheckpointError, ConfigError
+from perturbedvae.errors import CheckpointError, ConfigError, DataError
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -54,6 +54,8 @@ def embed_to_cache(
     """
     if batch_size <= 0 or shard_size <= 0:
         raise ConfigError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}")
+    if data.backed:
+        raise DataError("embedding cells needs their expression in memory; load the data without backed mode")
     entry = cache_entry(cache_dir, data, encoder)
     manifest = _open_manifest(entry, data, encoder, shard_size)
     n_cells = data.adata.n_obs

@@ -31,7 +31,7 @@ from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from perturbedvae import __version__ as perturbedvae_version
-from perturbedvae.errors import CheckpointError, PerturbedVAEError
+from perturbedvae.errors import CheckpointError, ConfigError, TrainingDivergedError
 from perturbedvae.model import LossWeights, PerturbedVAEModule
 from perturbedvae.train.config import ExperimentConfig, TrainConfig
 from perturbedvae.train.datamodule import INDEX_KEY, PerturbationDataModule
@@ -42,10 +42,6 @@ CHECKPOINT_PREFIX = "epoch_"
 
 Validator = Callable[[torch.nn.Module], Mapping[str, float]]
 """Scores the (unwrapped) head on validation conditions; must return SELECTION_METRIC."""
-
-
-class TrainingDivergedError(PerturbedVAEError, RuntimeError):
-    """The loss became NaN or infinite; the message names the step, the cells and the usual fixes."""
 
 
 @dataclass
@@ -92,8 +88,13 @@ def make_accelerator(settings: TrainConfig) -> Accelerator:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     launched_on_cpu = not torch.cuda.is_available() and world_size > 1
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and not torch.cuda.is_available():
+        raise ConfigError(
+            "FSDP was requested (configs/accelerate/fsdp.yaml) but no GPU is visible, and Accelerate shards only "
+            "across accelerators; on CPU launch with configs/accelerate/cpu_2proc.yaml (DDP over gloo) instead"
+        )
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        _share_cpu_threads(world_size)
+        _share_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))  # processes on this machine
     return Accelerator(
         cpu=launched_on_cpu,
         mixed_precision=settings.mixed_precision,
@@ -102,14 +103,14 @@ def make_accelerator(settings: TrainConfig) -> Accelerator:
     )
 
 
-def _share_cpu_threads(world_size: int) -> None:
-    """Give each CPU process its share of the cores.
+def _share_cpu_threads(local_processes: int) -> None:
+    """Give each CPU process its share of this machine's cores.
 
     When intra-op threads outnumber free cores they spin against each other: on a loaded 2-core
     machine one small training step took 1.7 s with 2 threads and 10 ms with 1. `OMP_NUM_THREADS`,
     when set, wins.
     """
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
 
 
 def warmup_factor(epoch: int, warmup_epochs: int) -> float:

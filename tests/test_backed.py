@@ -1,0 +1,160 @@
+"""Backed data: expression left in the .h5ad and read per batch must serve exactly what memory serves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from accelerate.state import AcceleratorState
+
+from perturbedvae.data.de import compute_de_genes
+from perturbedvae.data.embedding_cache import embed_to_cache
+from perturbedvae.data.loading import load_dataset
+from perturbedvae.data.matrix import BackedRows, log_normalize
+from perturbedvae.data.synthetic_h5ad import ScreenSpec, write_synthetic_screen
+from perturbedvae.errors import ConfigError, DataError
+from perturbedvae.train.config import RepresentationConfig, load_config
+from perturbedvae.train.representation import build_representation
+from perturbedvae.train.runs import load_run, train_from_config
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = ScreenSpec(1500, n_genes=120, n_perturbed_genes=6, density=0.15, seed=3)
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory) -> Path:
+    return write_synthetic_screen(tmp_path_factory.mktemp("screen") / "screen.h5ad", SPEC, chunk_cells=256, progress=False)
+
+
+@pytest.fixture(scope="module")
+def in_memory(screen):
+    return load_dataset(screen)
+
+
+@pytest.fixture(scope="module")
+def backed(screen):
+    return load_dataset(screen, backed=True)
+
+
+def test_the_synthetic_screen_is_an_anndata_of_sparse_integer_counts(screen: Path) -> None:
+    adata = ad.read_h5ad(screen)
+    assert adata.shape == (SPEC.n_cells, SPEC.n_genes) and sp.issparse(adata.X)
+    assert set(adata.obs["condition"].astype(str)) == set(SPEC.conditions)
+    values = adata.X.data
+    assert np.all(values >= 1) and np.all(np.mod(values, 1) == 0)
+    assert 0.1 < adata.X.nnz / np.prod(adata.shape) < 0.3
+    conditions = adata.obs["condition"].astype(str).to_numpy()
+    own = adata.X[:, 0].toarray().ravel()  # G00000 is perturbed (switched on) in its own condition
+    assert own[conditions == "G00000"].mean() > 3 * own[conditions == "control"].mean()
+
+
+def test_backed_rows_match_memory_in_any_order(screen: Path) -> None:
+    reference = log_normalize(ad.read_h5ad(screen).X)
+    rows = BackedRows(screen, normalize=True)
+    order = np.random.default_rng(0).permutation(SPEC.n_cells)[:1200]  # > one scattered read of 512 rows
+    asked = np.concatenate([order, order[:5], [3, 2, 1]])
+    assert abs(rows[asked] - reference[asked]).max() == 0
+    assert rows[np.zeros(0, dtype=np.int64)].shape == (0, SPEC.n_genes)
+    assert abs(rows.raw()[asked] - ad.read_h5ad(screen).X[asked]).max() == 0
+
+
+def test_backed_data_equals_in_memory_data(in_memory, backed) -> None:
+    assert backed.backed and not in_memory.backed and backed.adata.X is None
+    assert backed.is_counts and in_memory.is_counts
+    assert backed.fingerprint == in_memory.fingerprint
+    pd.testing.assert_frame_equal(backed.mean_profiles, in_memory.mean_profiles)
+    np.testing.assert_array_equal(backed.counts.row_sums(), in_memory.counts.row_sums())
+    for name in ("control", "G00001+G00002"):
+        np.testing.assert_array_equal(backed.cell_indices(name), in_memory.cell_indices(name))
+
+
+def test_backed_de_genes_equal_scanpy_t_test_rankings(in_memory, backed) -> None:
+    memory_de, backed_de = compute_de_genes(in_memory), compute_de_genes(backed)
+    assert backed_de.conditions == memory_de.conditions
+    for name in memory_de.conditions:
+        assert set(backed_de.top(name)) == set(memory_de.top(name)), name
+        np.testing.assert_array_equal(backed_de.non_dropout[name], memory_de.non_dropout[name])
+    with pytest.raises(DataError, match="t-test for backed data"):
+        compute_de_genes(backed, method="wilcoxon")
+
+
+def test_an_obs_filter_selects_the_same_cells_backed(tmp_path: Path, screen: Path) -> None:
+    adata = ad.read_h5ad(screen)
+    adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 3 == 0, "a", "b")
+    path = tmp_path / "batched.h5ad"
+    adata.write_h5ad(path)
+    memory = load_dataset(path, obs_filter={"batch": "a"})
+    backed = load_dataset(path, obs_filter={"batch": "a"}, backed=True)
+    assert backed.adata.n_obs == memory.adata.n_obs == (adata.n_obs + 2) // 3
+    assert backed.fingerprint == memory.fingerprint
+    pd.testing.assert_frame_equal(backed.mean_profiles, memory.mean_profiles)
+
+
+def test_dense_files_read_backed(tmp_path: Path) -> None:
+    adata = ad.read_h5ad(write_synthetic_screen(tmp_path / "sparse.h5ad", ScreenSpec(300, n_genes=40, n_perturbed_genes=3), progress=False))
+    adata.X = adata.X.toarray()
+    adata.write_h5ad(tmp_path / "dense.h5ad")
+    memory, backed = load_dataset(tmp_path / "dense.h5ad"), load_dataset(tmp_path / "dense.h5ad", backed=True)
+    assert not backed.expression.is_sparse
+    np.testing.assert_allclose(backed.mean_profiles.to_numpy(), memory.mean_profiles.to_numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(backed.expression[np.array([7, 2, 2])], memory.expression[np.array([7, 2, 2])])
+
+
+def test_what_backed_mode_cannot_do_is_refused_with_the_fix(tmp_path: Path, screen: Path, backed) -> None:
+    adata = ad.read_h5ad(screen)
+    adata.X = adata.X.tocsc()
+    adata.write_h5ad(tmp_path / "csc.h5ad")
+    with pytest.raises(DataError, match=r"column-major \(CSC\).*tocsr"):
+        load_dataset(tmp_path / "csc.h5ad", backed=True)
+    with pytest.raises(DataError, match="n_top_genes needs the whole matrix"):
+        load_dataset(screen, backed=True, n_top_genes=50)
+    with pytest.raises(DataError, match="pass the .h5ad path"):
+        load_dataset(adata, backed=True)
+    with pytest.raises(ConfigError, match="data.backed=false"):
+        build_representation(RepresentationConfig(kind="encoder", adapter="geneformer-v1"), backed, np.arange(10))
+    with pytest.raises(DataError, match="without backed mode"):
+        embed_to_cache(backed, encoder=None, cache_dir=tmp_path / "cache")
+
+
+def test_a_backed_run_trains_exactly_like_an_in_memory_run(tmp_path: Path, screen: Path) -> None:
+    def train(backed: bool) -> Path:
+        config = load_config(REPO / "configs" / "scale_synthetic.yaml", [
+            f"data.path={screen}", f"data.backed={str(backed).lower()}", f"output.run_dir={tmp_path / str(backed)}",
+            "train.epochs=2", "train.batch_size=128", "model.n_hidden=32", "model.n_latent=8", "train.n_control_cells=100",
+        ])
+        run_dir = train_from_config(config)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return run_dir
+
+    memory_run, backed_run = train(False), train(True)
+    logs = [[json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for run in (memory_run, backed_run)]
+    for memory_epoch, backed_epoch in zip(*logs):
+        assert backed_epoch["loss"] == pytest.approx(memory_epoch["loss"], rel=1e-5)
+        assert backed_epoch["val"]["pearson_delta_de"] == pytest.approx(memory_epoch["val"]["pearson_delta_de"], abs=1e-5)
+    run = load_run(backed_run)
+    assert run.datamodule.data.backed and run.config.data.backed
+    predictions = run.predict(["G00001+G00002"])
+    assert np.isfinite(predictions.means.to_numpy()).all()
+
+
+@pytest.mark.slow
+def test_the_scale_benchmark_runs_small(tmp_path: Path) -> None:
+    command = [sys.executable, str(REPO / "scripts" / "bench_scale.py"), "--cells", "2000", "--genes", "150",
+               "--perturbed-genes", "5", "--in-memory-up-to", "2000", "--threads", "1", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    size = json.loads((tmp_path / "results.json").read_text())["sizes"][0]
+    stages = size["stages"]
+    assert list(stages) == ["load", "de", "train", "predict", "load_in_memory"]
+    assert all(row["peak_rss_mib"] > 50 and row["wall_seconds"] >= row["seconds"] > 0 for row in stages.values())
+    assert stages["train"]["n_train_cells"] > 1000 and stages["predict"]["n_conditions"] == 10
+    assert 0.05 < size["nnz_fraction"] < 0.2
+    assert (tmp_path / "results.md").read_text().count("\n") == 2 + len(stages)
+    assert not list(tmp_path.glob("*.h5ad"))  # screens are deleted unless --keep-files
