@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ from perturbedvae.train.representation import build_representation
 from perturbedvae.train.runs import train_from_config
 from perturbedvae.train.trainer import Trainer, make_accelerator, warmup_factor
 
+REPO = Path(__file__).resolve().parents[1]
 SIMULATION = {"n_genes": 40, "n_latent": 4, "n_perturbations": 6, "n_combinations": 8, "cells_per_condition": 15, "n_control_cells": 60}
 
 
@@ -152,6 +157,42 @@ def test_resume_after_an_interrupt_reaches_the_uninterrupted_result(tmp_path: Pa
     assert weights.keys() == resumed_weights.keys()
     for name in weights:
         torch.testing.assert_close(weights[name], resumed_weights[name], rtol=0, atol=0)
+    assert _comparable_log(straight) == _comparable_log(resumed)
+    assert json.loads((straight / "metrics.json").read_text()) == json.loads((resumed / "metrics.json").read_text())
+
+
+_KILL_AT_BATCH = """
+import os, signal, sys
+from perturbedvae.cli import main
+from perturbedvae.train.datamodule import PerturbationDataModule
+
+collate, seen = PerturbationDataModule.collate, []
+def killing_collate(self, indices):
+    seen.append(1)
+    if len(seen) == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: as when a node dies
+    return collate(self, indices)
+PerturbationDataModule.collate = killing_collate
+sys.exit(main(["train", "--config", sys.argv[2]]))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path: Path, datamodule) -> None:
+    straight = train_from_config(tiny_config(tmp_path / "straight", checkpoint_every=2))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    config = tiny_config(tmp_path / "killed", checkpoint_every=2)
+    config.save(tmp_path / "killed.yaml")
+    (tmp_path / "kill.py").write_text(_KILL_AT_BATCH)
+    per_epoch = -(-len(datamodule.train_cells) // config.train.batch_size)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(tmp_path / "kill.py"), str(2 * per_epoch + per_epoch // 2), str(tmp_path / "killed.yaml")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    killed = tmp_path / "killed"
+    assert len(_comparable_log(killed)) == 2 and not (killed / "model").exists()
+
+    resumed = train_from_config(config, resume=True)
     assert _comparable_log(straight) == _comparable_log(resumed)
     assert json.loads((straight / "metrics.json").read_text()) == json.loads((resumed / "metrics.json").read_text())
 
