@@ -14,6 +14,7 @@ import pytest
 import scipy.sparse as sp
 from accelerate.state import AcceleratorState
 
+from perturbedvae.cli import main
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.embedding_cache import embed_to_cache
 from perturbedvae.data.loading import load_dataset
@@ -142,6 +143,14 @@ def test_a_backed_run_trains_exactly_like_an_in_memory_run(tmp_path: Path, scree
     assert run.datamodule.data.backed and run.config.data.backed
     predictions = run.predict(["G00001+G00002"])
     assert np.isfinite(predictions.means.to_numpy()).all()
+
+
+def test_the_command_line_reads_backed_data_to_the_same_metrics(tmp_path: Path, screen: Path) -> None:
+    assert main(["split", str(screen), "--backed", "--scheme", "doubles", "--seed", "1", "--out", str(tmp_path / "split.json")]) == 0
+    for mode in ("memory", "backed"):
+        flags = ["--backed"] if mode == "backed" else []
+        assert main(["baselines", str(screen), *flags, "--split", str(tmp_path / "split.json"), "--out", str(tmp_path / mode)]) == 0
+    assert (tmp_path / "backed" / "metrics.json").read_text() == (tmp_path / "memory" / "metrics.json").read_text()
 
 
 @pytest.mark.slow
