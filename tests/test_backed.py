@@ -14,6 +14,7 @@ import pytest
 import scipy.sparse as sp
 from accelerate.state import AcceleratorState
 
+from perturbedvae import datasets
 from perturbedvae.cli import main
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.embedding_cache import embed_to_cache
@@ -24,8 +25,8 @@ from perturbedvae.errors import ConfigError, DataError
 from perturbedvae.train.config import RepresentationConfig, load_config
 from perturbedvae.train.representation import build_representation
 from perturbedvae.train.runs import load_run, train_from_config
+from tests.conftest import NORMAN_PATH, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SPEC = ScreenSpec(1500, n_genes=120, n_perturbed_genes=6, density=0.15, seed=3)
 
 
@@ -86,6 +87,23 @@ def test_backed_de_genes_equal_scanpy_t_test_rankings(in_memory, backed) -> None
         compute_de_genes(backed, method="wilcoxon")
 
 
+@pytest.mark.parametrize("n_top_genes", [20, 60])
+def test_backed_highly_variable_genes_are_scanpys_seurat_v3_genes(screen: Path, n_top_genes: int) -> None:
+    memory = load_dataset(screen, n_top_genes=n_top_genes)
+    backed = load_dataset(screen, n_top_genes=n_top_genes, backed=True)
+    assert backed.genes == memory.genes and len(memory.genes) >= n_top_genes
+    assert set(memory.perturbed_genes) <= set(backed.genes)
+    assert backed.fingerprint == memory.fingerprint  # normalized over all genes, then subset
+    np.testing.assert_array_equal(backed.counts.row_sums(), memory.counts.row_sums())
+
+
+def test_backed_highly_variable_genes_on_real_counts() -> None:
+    """Papalexi 2021 (real UMI counts): the backed two-pass statistic selects scanpy's genes."""
+    memory = datasets.load("papalexi2021_lowmoi", n_top_genes=100)
+    backed = datasets.load("papalexi2021_lowmoi", n_top_genes=100, backed=True)
+    assert backed.genes == memory.genes and 100 <= len(backed.genes) < 299
+
+
 def test_an_obs_filter_selects_the_same_cells_backed(tmp_path: Path, screen: Path) -> None:
     adata = ad.read_h5ad(screen)
     adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 3 == 0, "a", "b")
@@ -114,8 +132,8 @@ def test_what_backed_mode_cannot_do_is_refused_with_the_fix(tmp_path: Path, scre
     adata.write_h5ad(tmp_path / "csc.h5ad")
     with pytest.raises(DataError, match=r"column-major \(CSC\).*tocsr"):
         load_dataset(tmp_path / "csc.h5ad", backed=True)
-    with pytest.raises(DataError, match="n_top_genes needs the whole matrix"):
-        load_dataset(screen, backed=True, n_top_genes=50)
+    with pytest.raises(DataError, match="backed log-normalized data"):
+        load_dataset(NORMAN_PATH, backed=True, n_top_genes=50)
     with pytest.raises(DataError, match="pass the .h5ad path"):
         load_dataset(adata, backed=True)
     with pytest.raises(ConfigError, match="data.backed=false"):

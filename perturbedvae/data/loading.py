@@ -240,11 +240,6 @@ def _load_backed(
     """Metadata into memory, expression left in the file and checked in one chunked pass."""
     if isinstance(source, ad.AnnData):
         raise DataError("backed loading reads a file; pass the .h5ad path rather than an AnnData")
-    if n_top_genes is not None:
-        raise DataError(
-            "n_top_genes needs the whole matrix in memory; select genes once in memory and write the subset, "
-            "or load without backed=True"
-        )
     metadata = read_h5ad(source, backed=True)
     try:
         adata = ad.AnnData(obs=metadata.obs.copy(), var=metadata.var.copy(), obsm=dict(metadata.obsm.items()))
@@ -256,7 +251,8 @@ def _load_backed(
     rows = BackedRows(source, cells=np.flatnonzero(keep))
     is_counts = _check_backed_values(rows)
     rows.normalize = is_counts
-    return PerturbationData(adata, syntax, condition_key, is_counts, raw_spelling, str(source), backed_rows=rows)
+    data = PerturbationData(adata, syntax, condition_key, is_counts, raw_spelling, str(source), backed_rows=rows)
+    return data if n_top_genes is None else select_highly_variable_genes(data, n_top_genes)
 
 
 def _check_backed_values(rows: BackedRows) -> bool:
@@ -405,19 +401,34 @@ def _normalize_counts(adata: ad.AnnData) -> None:
 
 
 def select_highly_variable_genes(data: PerturbationData, n_top_genes: int) -> PerturbationData:
-    """Keep `n_top_genes` highly variable genes plus every measured perturbed gene."""
+    """Keep `n_top_genes` highly variable genes plus every measured perturbed gene.
+
+    Counts: Seurat v3 (scanpy's, in memory; `perturbedvae.data.hvg` in two chunked passes, backed).
+    Log-normalized data: scanpy's Seurat dispersion flavour, in memory only.
+    """
     import scanpy as sc
 
     adata = data.adata
-    if data.backed:
-        raise DataError("highly variable gene selection needs the data in memory; load without backed=True")
     if n_top_genes <= 0:
         raise DataError(f"n_top_genes must be positive, got {n_top_genes}")
-    if n_top_genes < adata.n_vars:
-        if data.is_counts:
-            hvg = sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat_v3", layer=COUNTS_LAYER, inplace=False)
-        else:
-            hvg = sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
-        keep = hvg["highly_variable"].to_numpy() | adata.var_names.isin(data.perturbed_genes)
-        adata = adata[:, keep].copy()
-    return PerturbationData(adata, data.syntax, data.condition_key, data.is_counts, data.raw_spelling, data.source)
+    if n_top_genes >= adata.n_vars:
+        return data
+    if data.backed:
+        if not data.is_counts:
+            raise DataError(
+                "n_top_genes on backed log-normalized data is not supported (the Seurat dispersion flavour needs "
+                "the matrix in memory); give raw counts, select genes in memory once, or load without backed=True"
+            )
+        from perturbedvae.data.hvg import seurat_v3_normalized_variances, top_genes
+
+        highly_variable = top_genes(seurat_v3_normalized_variances(data.counts), n_top_genes)
+    elif data.is_counts:
+        hvg = sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat_v3", layer=COUNTS_LAYER, inplace=False)
+        highly_variable = hvg["highly_variable"].to_numpy()
+    else:
+        hvg = sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
+        highly_variable = hvg["highly_variable"].to_numpy()
+    keep = highly_variable | adata.var_names.isin(data.perturbed_genes)
+    rows = data.backed_rows.select_genes(keep) if data.backed else None
+    adata = adata[:, keep].copy()
+    return PerturbationData(adata, data.syntax, data.condition_key, data.is_counts, data.raw_spelling, data.source, rows)

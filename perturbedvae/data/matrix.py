@@ -128,6 +128,8 @@ class BackedRows(ExpressionRows):
         path: The `.h5ad` file.
         cells: File row of every cell kept (ascending), e.g. after an obs filter; None keeps all.
         normalize: Apply `log_normalize` to what is read (the file holds raw counts).
+        genes: File column of every gene kept (e.g. highly variable genes); None keeps all. Counts are
+            normalized by each cell's total over all of the file's genes first, as in memory.
 
     CSR and dense `X` are supported; CSC cannot be read by rows and is refused with the conversion to run.
     The file is opened per read, so an object can be shared with DataLoader workers. The normalized and
@@ -135,9 +137,11 @@ class BackedRows(ExpressionRows):
     negative-binomial targets) reads the file once.
     """
 
-    def __init__(self, path: str | Path, cells: np.ndarray | None = None, normalize: bool = False) -> None:
+    def __init__(self, path: str | Path, cells: np.ndarray | None = None, normalize: bool = False,
+                 genes: np.ndarray | None = None) -> None:
         self.path = Path(path)
         self.normalize = normalize
+        self.genes = None if genes is None else np.asarray(genes, dtype=np.int64)
         with h5py.File(self.path, "r") as handle:
             node = handle["X"]
             encoding = node.attrs.get("encoding-type", "array" if isinstance(node, h5py.Dataset) else "")
@@ -161,7 +165,7 @@ class BackedRows(ExpressionRows):
 
     @property
     def shape(self) -> tuple[int, int]:
-        return len(self.cells), int(self._file_shape[1])
+        return len(self.cells), int(self._file_shape[1] if self.genes is None else len(self.genes))
 
     @property
     def is_sparse(self) -> bool:
@@ -171,6 +175,14 @@ class BackedRows(ExpressionRows):
         """The same rows as stored in the file, without normalization (raw counts)."""
         view = copy.copy(self)
         view.normalize = False
+        return view
+
+    def select_genes(self, keep: np.ndarray) -> BackedRows:
+        """A view of the genes where the boolean `keep` (over the current genes) is True."""
+        view = copy.copy(self)
+        current = np.arange(self._file_shape[1]) if self.genes is None else self.genes
+        view.genes = current[np.asarray(keep, dtype=bool)]
+        view._last_read = {}
         return view
 
     def __getitem__(self, rows: np.ndarray) -> Block:
@@ -197,7 +209,8 @@ class BackedRows(ExpressionRows):
                 yield int(first), self._finish(block[self.cells[first:last] - span_start])
 
     def _finish(self, block: Block) -> Block:
-        return log_normalize(block) if self.normalize else block.copy()
+        block = log_normalize(block) if self.normalize else block.copy()
+        return block if self.genes is None else block[:, self.genes]
 
     def _read_span(self, node, start: int, stop: int) -> Block:
         if not self._sparse:
@@ -205,7 +218,7 @@ class BackedRows(ExpressionRows):
         begin, end = self._indptr[start], self._indptr[stop]
         data = np.asarray(node["data"][begin:end], dtype=np.float32)
         indices = np.asarray(node["indices"][begin:end], dtype=np.int32)
-        return sp.csr_matrix((data, indices, self._indptr[start : stop + 1] - begin), shape=(stop - start, self.shape[1]))
+        return sp.csr_matrix((data, indices, self._indptr[start : stop + 1] - begin), shape=(stop - start, self._file_shape[1]))
 
     def _read_sorted(self, file_rows: np.ndarray) -> Block:
         """Read ascending file rows, at most `_ROWS_PER_READ` scattered rows per HDF5 read call."""
@@ -217,7 +230,7 @@ class BackedRows(ExpressionRows):
                 for start in range(0, len(unique), _ROWS_PER_READ)
             ]
         if not pieces:
-            return sp.csr_matrix((0, self.shape[1]), dtype=np.float32) if self._sparse else np.zeros((0, self.shape[1]), np.float32)
+            return sp.csr_matrix((0, self._file_shape[1]), dtype=np.float32) if self._sparse else np.zeros((0, self._file_shape[1]), np.float32)
         block = sp.vstack(pieces, format="csr") if self._sparse else np.concatenate(pieces)
         return block[inverse] if len(unique) != len(file_rows) else block
 
@@ -228,7 +241,7 @@ class BackedRows(ExpressionRows):
         data = _read_ranges(node["data"], starts, stops, np.float32)
         indices = _read_ranges(node["indices"], starts, stops, np.int32)
         indptr = np.concatenate([[0], np.cumsum(stops - starts)])
-        return sp.csr_matrix((data, indices, indptr), shape=(len(rows), self.shape[1]))
+        return sp.csr_matrix((data, indices, indptr), shape=(len(rows), self._file_shape[1]))
 
 
 _ROWS_PER_READ = 512
