@@ -191,10 +191,28 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path: Pa
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     killed = tmp_path / "killed"
     assert len(_comparable_log(killed)) == 2 and not (killed / "model").exists()
+    partial = killed / "checkpoints" / ".epoch_0004.partial"  # as left by a process killed while saving
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half a file")
 
     resumed = train_from_config(config, resume=True)
     assert _comparable_log(straight) == _comparable_log(resumed)
     assert json.loads((straight / "metrics.json").read_text()) == json.loads((resumed / "metrics.json").read_text())
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path: Path) -> None:
+    run_dir = train_from_config(tiny_config(tmp_path / "run", epochs=2, checkpoint_every=1))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    latest = run_dir / "checkpoints" / "epoch_0002"
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002"]
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated or corrupt.*previous checkpoint"):
+        train_from_config(tiny_config(run_dir, epochs=3, checkpoint_every=1), resume=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    (latest / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="no readable manifest.json"):
+        train_from_config(tiny_config(run_dir, epochs=3, checkpoint_every=1), resume=True)
 
 
 def test_resume_without_checkpoint_is_refused(datamodule, tmp_path: Path) -> None:

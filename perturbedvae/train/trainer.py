@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 from perturbedvae import __version__ as perturbedvae_version
 from perturbedvae.errors import CheckpointError, ConfigError, TrainingDivergedError
 from perturbedvae.model import LossWeights, PerturbedVAEModule
+from perturbedvae.train.checkpoints import checkpoint_dirs, save_checkpoint, verify_checkpoint
 from perturbedvae.train.config import ExperimentConfig, TrainConfig
 from perturbedvae.train.datamodule import INDEX_KEY, PerturbationDataModule
 from perturbedvae.train.representation import attach_encoder
 
 SELECTION_METRIC = "pearson_delta_de"
-CHECKPOINT_PREFIX = "epoch_"
 
 Validator = Callable[[torch.nn.Module], Mapping[str, float]]
 """Scores the (unwrapped) head on validation conditions; must return SELECTION_METRIC."""
@@ -116,12 +116,6 @@ def _share_cpu_threads(local_processes: int) -> None:
 def warmup_factor(epoch: int, warmup_epochs: int) -> float:
     """Linear warm-up: 0 at epoch 0, 1 from epoch `warmup_epochs` on (always 1 without warm-up)."""
     return 1.0 if warmup_epochs <= 0 else min(1.0, epoch / warmup_epochs)
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run, oldest first."""
-    folder = run_dir / "checkpoints"
-    return sorted(folder.glob(f"{CHECKPOINT_PREFIX}*")) if folder.is_dir() else []
 
 
 class Trainer:
@@ -208,7 +202,7 @@ class Trainer:
             record["seconds"] = round(time.perf_counter() - epoch_start, 3)
             self._append_log(record)
             if settings.checkpoint_every and progress.epochs_done % settings.checkpoint_every == 0:
-                accelerator.save_state(str(self.run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{progress.epochs_done:04d}"))
+                save_checkpoint(accelerator, self.run_dir, progress.epochs_done)
 
         head = self._final_head(module, progress)
         run_info = self._run_info(progress, cells_seen, train_seconds, time.perf_counter() - started)
@@ -238,7 +232,14 @@ class Trainer:
                 f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}; start without --resume, "
                 "and set train.checkpoint_every to save checkpoints"
             )
-        self.accelerator.load_state(str(checkpoints[-1]))
+        verify_checkpoint(checkpoints[-1])
+        try:
+            self.accelerator.load_state(str(checkpoints[-1]))
+        except Exception as error:  # torch, safetensors and pickle raise many types for one problem
+            raise CheckpointError(
+                f"{checkpoints[-1]} could not be loaded ({type(error).__name__}: {error}); was it written by another "
+                "model or configuration? Delete it to resume from the previous checkpoint"
+            ) from error
         if self.is_main:
             self._truncate_log(progress.epochs_done)
 

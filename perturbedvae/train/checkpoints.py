@@ -1,0 +1,81 @@
+"""Training checkpoints that are complete or absent, never half-written.
+
+A process can die while Accelerate writes a checkpoint (weights, optimizer, every process's RNG state,
+our progress record), and a disk can truncate or corrupt files later. Resuming from such a folder would
+fail deep inside torch or, worse, continue from inconsistent state. So a checkpoint is written under a
+hidden temporary name, a manifest of every file's size and SHA-256 is added, and only then is the
+folder renamed to `epoch_NNNN`; resuming verifies the manifest first and names the damaged file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from perturbedvae.errors import CheckpointError
+
+CHECKPOINT_PREFIX = "epoch_"
+MANIFEST = "manifest.json"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first (unfinished ones have a hidden name and are skipped)."""
+    folder = run_dir / "checkpoints"
+    return sorted(folder.glob(f"{CHECKPOINT_PREFIX}*")) if folder.is_dir() else []
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, epochs_done: int) -> Path:
+    """Write the state of every process, then publish it atomically (main process renames)."""
+    final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{epochs_done:04d}"
+    partial = final.with_name(f".{final.name}.partial")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)  # left by a process killed while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / MANIFEST).write_text(json.dumps(_describe(partial), indent=1, sort_keys=True) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise unless every file the manifest lists is present with its size and hash.
+
+    Raises:
+        CheckpointError: naming the missing or damaged file and what to do.
+    """
+    fix = "delete this folder to resume from the previous checkpoint, or start again without --resume"
+    try:
+        expected = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{path} has no readable {MANIFEST}: it is incomplete or damaged; {fix}") from None
+    for name, (size, digest) in expected.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing; {fix}")
+        if file.stat().st_size != size or _sha256(file) != digest:
+            raise CheckpointError(f"{path}: {name} is truncated or corrupt (size or SHA-256 differs); {fix}")
+
+
+def _describe(folder: Path) -> dict[str, list]:
+    return {
+        str(file.relative_to(folder)): [file.stat().st_size, _sha256(file)]
+        for file in sorted(folder.rglob("*"))
+        if file.is_file() and file.name != MANIFEST
+    }
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
