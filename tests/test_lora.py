@@ -48,11 +48,27 @@ def train_steps(encoder, batch, steps: int = 3) -> None:
 
 def test_trainable_count_is_what_lora_implies(checkpoint):
     encoder = fresh(checkpoint)
+    encoder.layer = -1  # the last hidden state: every layer reaches it
     expected = expected_lora_parameters(encoder.model, ("query", "value"), r=4)
     apply_lora(encoder, r=4, alpha=8)  # targets from the card
     assert expected == 2 * 2 * 4 * (16 + 16)  # 2 layers x (query, value) x r x (in + out)
     assert count_trainable(encoder.trainable_module()) == expected
     assert all("lora_" in name for name, p in encoder.model.named_parameters() if p.requires_grad)
+
+
+def test_only_layers_that_reach_the_read_embedding_are_adapted_and_all_of_them_train(checkpoint, batch):
+    encoder = fresh(checkpoint)  # the card reads hidden state -2: the output of layer 0 of this 2-layer model
+    apply_lora(encoder, r=4, dropout=0.0)
+    trainable = {name: p.detach().clone() for name, p in encoder.model.named_parameters() if p.requires_grad}
+    assert count_trainable(encoder.trainable_module()) == 2 * 4 * (16 + 16)
+    assert all(".layer.0." in name for name in trainable)
+    train_steps(encoder, batch)
+    after = dict(encoder.model.named_parameters())
+    assert all(not torch.equal(after[name], before) for name, before in trainable.items())
+    embeddings_only = fresh(checkpoint)
+    embeddings_only.layer = 0
+    with pytest.raises(ConfigError, match="LoRA would change nothing"):
+        apply_lora(embeddings_only)
 
 
 def test_base_weights_do_not_change_but_outputs_do(checkpoint, batch):
@@ -64,8 +80,8 @@ def test_base_weights_do_not_change_but_outputs_do(checkpoint, batch):
     train_steps(encoder, batch)
     after_state = encoder.model.state_dict()
     for name, value in base.items():
-        key = name.replace(".query.", ".query.base_layer.").replace(".value.", ".value.base_layer.")
-        torch.testing.assert_close(after_state[key], value, rtol=0, atol=0)
+        wrapped = name.replace(".query.", ".query.base_layer.").replace(".value.", ".value.base_layer.")
+        torch.testing.assert_close(after_state.get(wrapped, after_state.get(name)), value, rtol=0, atol=0)
     with torch.no_grad():
         assert not torch.allclose(encoder.embed(batch), before, atol=1e-4)
 

@@ -27,6 +27,9 @@ def apply_lora(
 ) -> CellEncoder:
     """Freeze the encoder's backbone and add LoRA adapters to `target_modules` (default: the card's).
 
+    Only layers whose output reaches the embedding the encoder reads are adapted (`lora_layers()`, when
+    the encoder has it): adapters above the read layer would get no gradient.
+
     Raises:
         ConfigError: the encoder has no weights, no target modules are known, or none match the backbone.
     """
@@ -44,7 +47,11 @@ def apply_lora(
         raise ConfigError(f"{encoder.name}: LoRA targets {unmatched} are not Linear layers of the backbone; choose from {sorted(names)}")
     if r <= 0 or alpha <= 0 or not 0.0 <= dropout < 1.0:
         raise ConfigError(f"LoRA needs r > 0, alpha > 0 and 0 <= dropout < 1; got r={r}, alpha={alpha}, dropout={dropout}")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    layers = encoder.lora_layers() if hasattr(encoder, "lora_layers") else None
+    if layers == []:
+        raise ConfigError(f"{encoder.name} reads the embedding layer (layer 0), which no transformer layer reaches; LoRA would change nothing")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        layers_to_transform=layers)
     encoder.peft_model = get_peft_model(backbone, config)
     return encoder
 

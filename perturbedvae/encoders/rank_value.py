@@ -152,6 +152,16 @@ def check_layer(name: str, layer: int, n_layers: int) -> None:
         raise ConfigError(f"{name}: layer {layer} does not exist; the model has {n_states} hidden states (embeddings + {n_layers} layers)")
 
 
+def layers_reaching(layer: int, n_layers: int) -> list[int] | None:
+    """Transformer layers whose output reaches hidden state `layer` (None: all of them).
+
+    Hidden state 0 is the embeddings and state i the output of layer i-1, so reading state -2 of a
+    12-layer model uses layers 0-10: LoRA adapters on layer 11 would get no gradient.
+    """
+    index = layer if layer >= 0 else n_layers + 1 + layer
+    return None if index == n_layers else list(range(index))
+
+
 def pool_tokens(hidden: torch.Tensor, gene_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """Cell embedding from token outputs: mean over gene tokens (specials and padding excluded) or the first token."""
     if pooling == "cls":
@@ -180,6 +190,10 @@ class RankValueTransformerEncoder:
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
+
+    def lora_layers(self) -> list[int] | None:
+        """Layers LoRA should adapt: those that reach the embedding read (None: all)."""
+        return layers_reaching(self.layer, int(self.model.config.num_hidden_layers))
 
     def prepare(self, adata: ad.AnnData) -> dict[str, torch.Tensor]:
         return self.tokenizer.tokenize(relative_expression_source(adata), list(map(str, adata.var_names)))

@@ -31,7 +31,7 @@ from torch import nn
 
 from perturbedvae.encoders.base import GeneCoverage
 from perturbedvae.encoders.cards import AdapterCard
-from perturbedvae.encoders.rank_value import check_layer, pool_tokens
+from perturbedvae.encoders.rank_value import check_layer, layers_reaching, pool_tokens
 from perturbedvae.encoders.vocab import load_json_dictionary, measure_coverage
 from perturbedvae.errors import CheckpointError, ConfigError
 
@@ -171,6 +171,10 @@ class ScGPTEncoder:
     @property
     def hidden_size(self) -> int:
         return self.model.config.embsize
+
+    def lora_layers(self) -> list[int] | None:
+        """Layers LoRA should adapt: those that reach the embedding read (None: all)."""
+        return layers_reaching(self.layer, self.model.config.nlayers)
 
     def prepare(self, adata: ad.AnnData) -> dict[str, torch.Tensor]:
         """`gene_ids`, binned `values`, `padding_mask` (True on padding) and `gene_mask` per cell."""
