@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -114,6 +115,65 @@ def test_an_obs_filter_selects_the_same_cells_backed(tmp_path: Path, screen: Pat
     assert backed.adata.n_obs == memory.adata.n_obs == (adata.n_obs + 2) // 3
     assert backed.fingerprint == memory.fingerprint
     pd.testing.assert_frame_equal(backed.mean_profiles, memory.mean_profiles)
+
+
+def _unsorted_with_duplicates(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """The same values stored badly: each count >= 2 split into two entries, column order reversed per row."""
+    coo = sp.csr_matrix((matrix.data, matrix.indices.astype(np.int64), matrix.indptr), shape=matrix.shape).tocoo()
+    split = coo.data >= 2
+    rows = np.concatenate([coo.row, coo.row[split]])
+    columns = np.concatenate([coo.col, coo.col[split]])
+    values = np.concatenate([np.where(split, coo.data - 1, coo.data), np.ones(split.sum(), dtype=coo.data.dtype)])
+    order = np.lexsort((-columns, rows))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=matrix.shape[0]))])
+    return sp.csr_matrix((values[order], columns[order].astype(np.int64), indptr.astype(np.int64)), shape=matrix.shape)
+
+
+def test_unsorted_and_duplicated_entries_give_the_same_data_in_both_modes(tmp_path: Path, screen: Path, in_memory) -> None:
+    adata = ad.read_h5ad(screen)
+    messy = _unsorted_with_duplicates(adata.X)
+    assert messy.nnz > adata.X.nnz and not messy.has_canonical_format
+    adata.X = messy
+    adata.write_h5ad(tmp_path / "messy.h5ad")
+    with h5py.File(tmp_path / "messy.h5ad", "r+") as handle:  # int32 indices beside int64 indptr, as anndata reads many files
+        indices = handle["X/indices"][:].astype(np.int32)
+        del handle["X/indices"]
+        handle["X"].create_dataset("indices", data=indices)
+    assert ad.read_h5ad(tmp_path / "messy.h5ad").X.indices.dtype == np.int32
+    memory, backed = load_dataset(tmp_path / "messy.h5ad"), load_dataset(tmp_path / "messy.h5ad", backed=True)
+    assert memory.fingerprint == backed.fingerprint == in_memory.fingerprint
+    pd.testing.assert_frame_equal(backed.mean_profiles, in_memory.mean_profiles)
+
+
+def test_counts_are_recognised_alike_from_every_value(tmp_path: Path) -> None:
+    """Integers for the first 100,000 values, then not: neither mode may call it counts."""
+    rng = np.random.default_rng(0)
+    matrix = rng.poisson(30.0, size=(2000, 100)).astype(np.float32)
+    matrix[1000:] += 0.5
+    conditions = np.where(np.arange(2000) % 2 == 0, "control", "G1")
+    obs = pd.DataFrame({"condition": conditions}, index=[f"c{index}" for index in range(2000)])
+    ad.AnnData(matrix, obs=obs, var=pd.DataFrame(index=[f"G{index}" for index in range(100)])).write_h5ad(tmp_path / "x.h5ad")
+    memory, backed = load_dataset(tmp_path / "x.h5ad"), load_dataset(tmp_path / "x.h5ad", backed=True)
+    assert not memory.is_counts and not backed.is_counts
+    np.testing.assert_allclose(backed.mean_profiles.to_numpy(), memory.mean_profiles.to_numpy(), rtol=1e-6)
+
+
+def test_backed_loading_reads_only_obs_var_and_obsm(tmp_path: Path, screen: Path, monkeypatch) -> None:
+    adata = ad.read_h5ad(screen)
+    adata.layers["counts"] = adata.X.copy()
+    adata.obsm["X_pca"] = np.ones((adata.n_obs, 3), dtype=np.float32)
+    adata.write_h5ad(tmp_path / "layers.h5ad")
+    read, read_elem = [], ad.io.read_elem
+
+    def spy(element, *args, **kwargs):
+        read.append(element.name)
+        return read_elem(element, *args, **kwargs)
+
+    monkeypatch.setattr(ad.io, "read_elem", spy)
+    monkeypatch.setattr(ad, "read_h5ad", lambda *args, **kwargs: pytest.fail("anndata's reader loads layers"))
+    data = load_dataset(tmp_path / "layers.h5ad", backed=True)
+    assert sorted(read) == ["/obs", "/obsm", "/var"]
+    assert not data.adata.layers and data.adata.obsm["X_pca"].shape == (adata.n_obs, 3)
 
 
 def test_dense_files_read_backed(tmp_path: Path) -> None:

@@ -119,17 +119,18 @@ def test_duplicated_gene_names(toy_adata):
         load_dataset(toy_adata)
 
 
-def test_non_h5ad_and_corrupt_files(tmp_path):
+@pytest.mark.parametrize("backed", [False, True])
+def test_non_h5ad_and_corrupt_files(tmp_path, backed):
     csv = tmp_path / "data.csv"
     csv.write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match="h5ad"):
-        load_dataset(csv)
+        load_dataset(csv, backed=backed)
     corrupt = tmp_path / "broken.h5ad"
     corrupt.write_bytes(b"not an hdf5 file")
     with pytest.raises(DataError, match="could not be read"):
-        load_dataset(corrupt)
+        load_dataset(corrupt, backed=backed)
     with pytest.raises(DataError, match="no such file"):
-        load_dataset(tmp_path / "missing.h5ad")
+        load_dataset(tmp_path / "missing.h5ad", backed=backed)
     assert corrupt.read_bytes() == b"not an hdf5 file"
 
 

@@ -121,6 +121,17 @@ def test_lora_on_the_scgpt_port_acts_in_eval_mode(tmp_path, norman_data):
         assert not torch.allclose(encoder.embed(batch), before, atol=1e-4)
 
 
+def test_scgpt_reading_an_inner_layer_keeps_its_value_encoder_adapters(tmp_path, norman_data):
+    write_scgpt_checkpoint(tmp_path, norman_data.genes)
+    encoder = load_encoder(REPO / "adapters/scgpt.yaml", tmp_path, vocab_dir=VOCAB_DIR)
+    encoder.layer = -2  # the output of layer 0 of 2: layer 1 is not used, the value encoder feeds layer 0
+    apply_lora(encoder, r=2, dropout=0.0)
+    adapted = {name.split(".lora_")[0] for name, p in encoder.model.named_parameters() if p.requires_grad}
+    assert adapted == {"transformer_encoder.layers.0.linear1", "transformer_encoder.layers.0.linear2",
+                       "value_encoder.linear1", "value_encoder.linear2"}
+    assert count_trainable(encoder.model) == 2 * 2 * (16 + 24) + 2 * (1 + 16) + 2 * (16 + 16)
+
+
 def test_bad_lora_requests(checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="not Linear layers"):
         apply_lora(fresh(checkpoint), target_modules=["attention_weights"])

@@ -22,12 +22,13 @@ from functools import cached_property
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from perturbedvae.data.conditions import CONTROL, DEFAULT_CONTROL_LABELS, ConditionSyntax, genes_of
-from perturbedvae.data.matrix import CHUNK_CELLS, BackedRows, ExpressionRows, InMemoryRows, log_normalize
+from perturbedvae.data.matrix import BackedRows, ExpressionRows, InMemoryRows, canonical_csr, log_normalize
 from perturbedvae.errors import ConditionError, DataError
 
 CONDITION_COLUMN = "perturbedvae_condition"
@@ -137,8 +138,7 @@ class PerturbationData:
         """
         parts = [hashlib.sha256() for _ in range(3)]
         for _, block in self.expression.chunks():
-            if sp.issparse(block):
-                block.sum_duplicates()  # chunks are copies; the file may store unsorted column indices
+            if sp.issparse(block):  # canonical in both modes (see canonical_csr)
                 pieces = (block.data, block.indices.astype(np.int64), np.diff(block.indptr).astype(np.int64))
             else:
                 pieces = (block, np.zeros(0), np.zeros(0))
@@ -150,8 +150,16 @@ class PerturbationData:
         return digest.hexdigest()[:16]
 
 
-def read_h5ad(path: str | Path, backed: bool = False) -> ad.AnnData:
-    """Read an .h5ad file (into memory, or read-only backed) with a clear error for a missing or non-h5ad file."""
+def read_h5ad(path: str | Path) -> ad.AnnData:
+    """Read an .h5ad file into memory with a clear error for a missing, non-h5ad or corrupt file."""
+    path = _check_h5ad_path(path)
+    try:
+        return ad.read_h5ad(path)
+    except Exception as error:  # h5py/anndata raise many types for a corrupt file
+        raise DataError(f"{path} could not be read as an AnnData .h5ad file ({type(error).__name__}: {error})") from error
+
+
+def _check_h5ad_path(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
@@ -162,10 +170,7 @@ def read_h5ad(path: str | Path, backed: bool = False) -> ad.AnnData:
             f"{path}: expected an AnnData .h5ad file; convert other formats with anndata/scanpy "
             "(e.g. sc.read_10x_h5(...).write_h5ad('data.h5ad'))"
         )
-    try:
-        return ad.read_h5ad(path, backed="r") if backed else ad.read_h5ad(path)
-    except Exception as error:  # h5py/anndata raise many types for a corrupt file
-        raise DataError(f"{path} could not be read as an AnnData .h5ad file ({type(error).__name__}: {error})") from error
+    return path
 
 
 def load_dataset(
@@ -190,7 +195,7 @@ def load_dataset(
         obs_filter: Keep only cells whose obs columns equal these values, e.g. `{"dataset": "norman19"}`.
         gene_symbol_key: var column with gene symbols to use as gene names (default: `var_names`).
         min_cells: Conditions with fewer cells trigger a warning (their metrics are noisy).
-        n_top_genes: Keep this many highly variable genes plus every measured perturbed gene (in memory only).
+        n_top_genes: Keep this many highly variable genes plus every measured perturbed gene (backed: raw counts only).
         backed: Leave expression in the file (a path, CSR or dense `X`) and read it per batch or chunk.
 
     Raises:
@@ -207,12 +212,9 @@ def load_dataset(
     adata = _apply_obs_filter(adata, obs_filter)
     syntax, raw_spelling = _annotate_conditions(adata, condition_key, control_labels, delimiter, gene_symbol_key, min_cells)
     adata.X = _as_float32(adata.X)
-    _check_finite(adata.X)
-    is_counts = looks_like_counts(adata.X)
+    is_counts = _scan_values(InMemoryRows(adata.X))
     if is_counts:
         _normalize_counts(adata)
-    elif _min_value(adata.X) < 0:
-        raise DataError(_NEGATIVE_VALUES)
     data = PerturbationData(adata, syntax, condition_key, is_counts, raw_spelling, path)
     if n_top_genes is not None:
         data = select_highly_variable_genes(data, n_top_genes)
@@ -240,31 +242,46 @@ def _load_backed(
     """Metadata into memory, expression left in the file and checked in one chunked pass."""
     if isinstance(source, ad.AnnData):
         raise DataError("backed loading reads a file; pass the .h5ad path rather than an AnnData")
-    metadata = read_h5ad(source, backed=True)
-    try:
-        adata = ad.AnnData(obs=metadata.obs.copy(), var=metadata.var.copy(), obsm=dict(metadata.obsm.items()))
-    finally:
-        metadata.file.close()
+    adata = _read_metadata(source)
     keep = _obs_filter_mask(adata, obs_filter)
     adata = adata[keep].copy() if not keep.all() else adata
     syntax, raw_spelling = _annotate_conditions(adata, condition_key, control_labels, delimiter, gene_symbol_key, min_cells)
     rows = BackedRows(source, cells=np.flatnonzero(keep))
-    is_counts = _check_backed_values(rows)
+    is_counts = _scan_values(rows)
     rows.normalize = is_counts
     data = PerturbationData(adata, syntax, condition_key, is_counts, raw_spelling, str(source), backed_rows=rows)
     return data if n_top_genes is None else select_highly_variable_genes(data, n_top_genes)
 
 
-def _check_backed_values(rows: BackedRows) -> bool:
-    """The in-memory checks (finite, non-negative) over every chunk; returns whether the values are counts."""
+def _read_metadata(source: str | Path) -> ad.AnnData:
+    """obs, var and obsm of an .h5ad file, and nothing else: anndata's backed mode would load layers too."""
+    path = _check_h5ad_path(source)
+    try:
+        with h5py.File(path, "r") as handle:
+            if "X" not in handle:
+                raise DataError(f"{path} has no expression matrix X")
+            elements = {key: ad.io.read_elem(handle[key]) for key in ("obs", "var", "obsm") if key in handle}
+        return ad.AnnData(obs=elements.get("obs"), var=elements.get("var"), obsm=elements.get("obsm") or None)
+    except DataError:
+        raise
+    except Exception as error:  # h5py/anndata raise many types for a corrupt file
+        raise DataError(f"{path} could not be read as an AnnData .h5ad file ({type(error).__name__}: {error})") from error
+
+
+def _scan_values(rows: ExpressionRows) -> bool:
+    """Check every value (finite, not negative) chunk by chunk; return whether they look like raw counts.
+
+    Counts: non-negative integers with a maximum above log-scale values (> 20). The same scan in memory and
+    backed, so both modes decide alike.
+    """
     from tqdm.auto import tqdm
 
-    integral, maximum, n_chunks = True, 0.0, -(-rows.shape[0] // CHUNK_CELLS)
+    integral, maximum, n_chunks = True, 0.0, rows.n_chunks()
     for _, block in tqdm(rows.chunks(), desc="checking expression", total=n_chunks, unit="chunk", disable=n_chunks < 8):
         _check_finite(block)
-        values = _values(block)
         if _min_value(block) < 0:
             raise DataError(_NEGATIVE_VALUES)
+        values = _values(block)
         if values.size:
             integral = integral and bool(np.all(np.mod(values, 1) == 0))
             maximum = max(maximum, float(values.max()))
@@ -357,12 +374,9 @@ def _warn_small_conditions(canonical: np.ndarray, min_cells: int) -> None:
 
 
 def _as_float32(matrix):
-    """float32, and CSR in canonical form: scipy sorts indices in place on first column slicing, which would
-    otherwise change the stored arrays (and the fingerprint) of data that did not change."""
+    """float32, and CSR in canonical form (see `canonical_csr`)."""
     if sp.issparse(matrix):
-        matrix = sp.csr_matrix(matrix, dtype=np.float32)
-        matrix.sum_duplicates()
-        return matrix
+        return canonical_csr(matrix)
     array = np.asarray(matrix)
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise DataError(f"expression matrix has dtype {array.dtype}; expected real numbers")

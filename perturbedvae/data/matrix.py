@@ -26,8 +26,27 @@ from perturbedvae.errors import DataError
 
 TARGET_SUM = 1e4
 """Counts per cell after library-size normalization (scanpy's and the field's usual 10,000)."""
-CHUNK_CELLS = 8192
-"""Cells per chunk when walking a whole matrix: a few tens of MB for 5,000 genes."""
+CHUNK_VALUES = 1 << 24
+"""Matrix entries (zeros included) per chunk when walking a whole matrix: 64 MB as dense float32."""
+
+
+def chunk_cells(n_genes: int) -> int:
+    """Cells per chunk: `CHUNK_VALUES` entries, between 64 and 8,192 cells."""
+    return max(64, min(8192, CHUNK_VALUES // max(n_genes, 1)))
+
+
+def canonical_csr(matrix) -> sp.csr_matrix:
+    """float32 CSR with sorted, summed-up column indices.
+
+    Duplicated entries would be normalized one by one (log1p of each part), and scipy sorts unsorted
+    indices in place on first column slicing, changing stored arrays (and fingerprints) of unchanged data.
+    Rebuilding through the constructor also unifies index dtypes (int32 indices with int64 indptr, as
+    anndata may read them, make scipy's in-place sort fail).
+    """
+    matrix = sp.csr_matrix(matrix)
+    matrix = sp.csr_matrix((matrix.data.astype(np.float32), matrix.indices, matrix.indptr), shape=matrix.shape)
+    matrix.sum_duplicates()
+    return matrix
 
 Block = np.ndarray | sp.csr_matrix
 
@@ -38,13 +57,15 @@ def log_normalize(block: Block) -> Block:
     Totals are summed in float64 so the result of a row does not depend on which rows it is read with.
     """
     totals = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
-    scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+    scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0).astype(np.float32)
     if sp.issparse(block):
         block = sp.csr_matrix(block, dtype=np.float32, copy=True)
-        block.data *= np.repeat(scale, np.diff(block.indptr)).astype(np.float32)
+        block.data *= np.repeat(scale, np.diff(block.indptr))
         np.log1p(block.data, out=block.data)
         return block
-    return np.log1p(np.asarray(block, dtype=np.float32) * scale[:, None].astype(np.float32))
+    out = np.array(block, dtype=np.float32)  # one copy, then in place
+    out *= scale[:, None]
+    return np.log1p(out, out=out)
 
 
 class ExpressionRows(ABC):
@@ -65,8 +86,12 @@ class ExpressionRows(ABC):
     def __getitem__(self, rows: np.ndarray) -> Block: ...
 
     @abstractmethod
-    def chunks(self, chunk_cells: int = CHUNK_CELLS) -> Iterator[tuple[int, Block]]:
-        """(first row, block) for consecutive blocks of rows covering the matrix in order."""
+    def chunks(self) -> Iterator[tuple[int, Block]]:
+        """(first row, block) for consecutive blocks of at most `chunk_cells(n_genes)` rows, in order."""
+
+    def n_chunks(self) -> int:
+        """How many chunks `chunks` yields at most (for progress bars)."""
+        return -(-self.shape[0] // chunk_cells(self.shape[1]))
 
     def group_sums(self, codes: np.ndarray, n_groups: int, squares: bool = False, progress: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Per group (row `codes[cell]`), the float64 sum of its cells' rows and, optionally, of their squares.
@@ -75,7 +100,7 @@ class ExpressionRows(ABC):
         """
         sums = np.zeros((n_groups, self.shape[1]), dtype=np.float64)
         sum_squares = np.zeros_like(sums) if squares else None
-        total = -(-self.shape[0] // CHUNK_CELLS)
+        total = self.n_chunks()
         for start, block in tqdm(self.chunks(), desc=progress, total=total, unit="chunk", disable=progress is None or total < 8):
             chunk_codes = codes[start : start + block.shape[0]]
             indicator = sp.csr_matrix(
@@ -112,9 +137,10 @@ class InMemoryRows(ExpressionRows):
     def __getitem__(self, rows: np.ndarray) -> Block:
         return self.matrix[np.asarray(rows, dtype=np.int64)]
 
-    def chunks(self, chunk_cells: int = CHUNK_CELLS) -> Iterator[tuple[int, Block]]:
-        for start in range(0, self.shape[0], chunk_cells):
-            yield start, self.matrix[start : start + chunk_cells]
+    def chunks(self) -> Iterator[tuple[int, Block]]:
+        size = chunk_cells(self.shape[1])
+        for start in range(0, self.shape[0], size):
+            yield start, self.matrix[start : start + size]
 
 
 def _dense(matrix) -> np.ndarray:
@@ -143,6 +169,8 @@ class BackedRows(ExpressionRows):
         self.normalize = normalize
         self.genes = None if genes is None else np.asarray(genes, dtype=np.int64)
         with h5py.File(self.path, "r") as handle:
+            if "X" not in handle:
+                raise DataError(f"{self.path} has no expression matrix X")
             node = handle["X"]
             encoding = node.attrs.get("encoding-type", "array" if isinstance(node, h5py.Dataset) else "")
             if encoding == "csc_matrix":
@@ -151,7 +179,10 @@ class BackedRows(ExpressionRows):
                     "row-major once: adata = anndata.read_h5ad(path); adata.X = adata.X.tocsr(); adata.write_h5ad(path)"
                 )
             if encoding not in ("csr_matrix", "array"):
-                raise DataError(f"{self.path}: X has an unsupported encoding {encoding!r}; expected a CSR or dense matrix")
+                raise DataError(
+                    f"{self.path}: X has an unsupported encoding {encoding!r} (an old anndata format?); expected a CSR "
+                    "or dense matrix. Rewrite it with current anndata: anndata.read_h5ad(path).write_h5ad(new_path)"
+                )
             self._sparse = encoding == "csr_matrix"
             if self._sparse:
                 self._file_shape = tuple(int(size) for size in node.attrs["shape"])
@@ -161,6 +192,8 @@ class BackedRows(ExpressionRows):
                 self._indptr = None
         all_cells = np.arange(self._file_shape[0], dtype=np.int64)
         self.cells = all_cells if cells is None else np.asarray(cells, dtype=np.int64)
+        if len(self.cells) and (np.any(np.diff(self.cells) <= 0) or self.cells[0] < 0 or self.cells[-1] >= self._file_shape[0]):
+            raise ValueError("cells must be ascending, unique file rows")
         self._last_read: dict[str, object] = {}
 
     @property
@@ -196,12 +229,12 @@ class BackedRows(ExpressionRows):
             self._last_read.update(key=key, block=self._read_sorted(file_rows[order])[restore])
         return self._finish(self._last_read["block"])
 
-    def chunks(self, chunk_cells: int = CHUNK_CELLS) -> Iterator[tuple[int, Block]]:
+    def chunks(self) -> Iterator[tuple[int, Block]]:
         """Walk the file in spans of consecutive file rows, keeping the cells selected in each span."""
-        n_file_rows = self._file_shape[0]
+        n_file_rows, size = self._file_shape[0], chunk_cells(self._file_shape[1])
         with h5py.File(self.path, "r") as handle:
-            for span_start in range(0, n_file_rows, chunk_cells):
-                span_stop = min(span_start + chunk_cells, n_file_rows)
+            for span_start in range(0, n_file_rows, size):
+                span_stop = min(span_start + size, n_file_rows)
                 first, last = np.searchsorted(self.cells, [span_start, span_stop])
                 if first == last:
                     continue
@@ -218,7 +251,7 @@ class BackedRows(ExpressionRows):
         begin, end = self._indptr[start], self._indptr[stop]
         data = np.asarray(node["data"][begin:end], dtype=np.float32)
         indices = np.asarray(node["indices"][begin:end], dtype=np.int32)
-        return sp.csr_matrix((data, indices, self._indptr[start : stop + 1] - begin), shape=(stop - start, self._file_shape[1]))
+        return canonical_csr(sp.csr_matrix((data, indices, self._indptr[start : stop + 1] - begin), shape=(stop - start, self._file_shape[1])))
 
     def _read_sorted(self, file_rows: np.ndarray) -> Block:
         """Read ascending file rows, at most `_ROWS_PER_READ` scattered rows per HDF5 read call."""
@@ -241,7 +274,7 @@ class BackedRows(ExpressionRows):
         data = _read_ranges(node["data"], starts, stops, np.float32)
         indices = _read_ranges(node["indices"], starts, stops, np.int32)
         indptr = np.concatenate([[0], np.cumsum(stops - starts)])
-        return sp.csr_matrix((data, indices, indptr), shape=(len(rows), self._file_shape[1]))
+        return canonical_csr(sp.csr_matrix((data, indices, indptr), shape=(len(rows), self._file_shape[1])))
 
 
 _ROWS_PER_READ = 512

@@ -9,6 +9,7 @@ use.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,8 +28,9 @@ def apply_lora(
 ) -> CellEncoder:
     """Freeze the encoder's backbone and add LoRA adapters to `target_modules` (default: the card's).
 
-    Only layers whose output reaches the embedding the encoder reads are adapted (`lora_layers()`, when
-    the encoder has it): adapters above the read layer would get no gradient.
+    Only modules whose output reaches the embedding the encoder reads are adapted (`lora_layers()`, when
+    the encoder has it): adapters in transformer layers above the read layer would get no gradient, while
+    modules outside the layer stack (scGPT's value encoder) feed every layer and are always adapted.
 
     Raises:
         ConfigError: the encoder has no weights, no target modules are known, or none match the backbone.
@@ -47,13 +49,28 @@ def apply_lora(
         raise ConfigError(f"{encoder.name}: LoRA targets {unmatched} are not Linear layers of the backbone; choose from {sorted(names)}")
     if r <= 0 or alpha <= 0 or not 0.0 <= dropout < 1.0:
         raise ConfigError(f"LoRA needs r > 0, alpha > 0 and 0 <= dropout < 1; got r={r}, alpha={alpha}, dropout={dropout}")
-    layers = encoder.lora_layers() if hasattr(encoder, "lora_layers") else None
-    if layers == []:
-        raise ConfigError(f"{encoder.name} reads the embedding layer (layer 0), which no transformer layer reaches; LoRA would change nothing")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
-                        layers_to_transform=layers)
+    modules = _modules_to_adapt(backbone, targets, encoder.lora_layers() if hasattr(encoder, "lora_layers") else None)
+    if not modules:
+        raise ConfigError(f"{encoder.name}: no {targets} module reaches the hidden state the encoder reads; LoRA would change nothing")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none")
     encoder.peft_model = get_peft_model(backbone, config)
     return encoder
+
+
+def _modules_to_adapt(backbone: torch.nn.Module, targets: Sequence[str], layers: Sequence[int] | None) -> list[str]:
+    """Full names of the Linear modules named like a target, in a used layer or outside the layer stack."""
+    chosen = []
+    for name, module in backbone.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
+            continue
+        in_layer = _LAYER_INDEX.search(name)
+        if layers is None or in_layer is None or int(in_layer.group(1)) in layers:
+            chosen.append(name)
+    return chosen
+
+
+_LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
+"""The transformer layer a module belongs to: `encoder.layer.3.` (BERT), `transformer_encoder.layers.3.` (scGPT)."""
 
 
 def save_adapters(encoder: CellEncoder, directory: str | Path) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -31,32 +32,39 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, epochs_done: int) -> Path:
     """Write the state of every process, then publish it atomically (main process renames)."""
     final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{epochs_done:04d}"
-    partial = final.with_name(f".{final.name}.partial")
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)  # left by a process killed while saving
+    partial, replaced = final.with_name(f".{final.name}.partial"), final.with_name(f".{final.name}.replaced")
+    if accelerator.is_main_process:
+        for stale in final.parent.glob(".*"):  # left by a process killed while saving
+            shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / MANIFEST).write_text(json.dumps(_describe(partial), indent=1, sort_keys=True) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # an epoch saved again (a resumed run): the old copy stays until the new one is in place
+            final.rename(replaced)
         partial.rename(final)
+        if replaced.exists():
+            shutil.rmtree(replaced)
     accelerator.wait_for_everyone()
     return final
 
 
 def verify_checkpoint(path: Path) -> None:
-    """Raise unless every file the manifest lists is present with its size and hash.
+    """Raise unless every file the manifest lists is present with its size and hash (warn without a manifest).
 
     Raises:
         CheckpointError: naming the missing or damaged file and what to do.
     """
     fix = "delete this folder to resume from the previous checkpoint, or start again without --resume"
+    if not (path / MANIFEST).exists():
+        warnings.warn(f"{path} has no {MANIFEST} (written before checkpoints had manifests); its files cannot be verified",
+                      UserWarning, stacklevel=2)
+        return
     try:
         expected = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
-        raise CheckpointError(f"{path} has no readable {MANIFEST}: it is incomplete or damaged; {fix}") from None
+        raise CheckpointError(f"{path}: {MANIFEST} is unreadable, so the checkpoint is damaged; {fix}") from None
     for name, (size, digest) in expected.items():
         file = path / name
         if not file.is_file():
