@@ -55,7 +55,7 @@ def predict_from_controls(
                 torch.manual_seed(sample_seed)
             for row in perturbations.to(device):
                 predicted = _predict_cells(module, inputs, row, sample_seed is not None)
-                means.append(predicted.double().mean(dim=0).cpu().numpy())
+                means.append((predicted.sum(dim=0, dtype=torch.float64) / len(predicted)).cpu().numpy())
                 if per_cell:
                     cells.append(predicted.float().cpu().numpy())
     finally:
