@@ -8,8 +8,8 @@ the first N ranked genes that are expressed in the condition, or silent in both 
 control, so that a gene switched off by the perturbation (a dropout) does not count as DE.
 
 Backed data (expression left in the file) is ranked with the same Welch t statistic computed from
-per-condition sums and sums of squares gathered in one chunked pass, so memory does not grow with
-cells; the Wilcoxon test needs every value of a gene at once and is refused there.
+per-condition sums and sums of squares gathered in one chunked pass (`condition_moments`, shared with
+the mean profiles), so memory does not grow with cells; the Wilcoxon test needs every value of a gene at once and is refused there.
 
 Rankings take seconds to minutes on large data, so they can be cached on disk keyed by the data
 fingerprint; a cache that does not match is an error, never silently reused.
@@ -219,8 +219,8 @@ def _rank_genes_streamed(data: PerturbationData, method: str) -> dict[str, np.nd
         raise DataError(f"DE method {method!r} needs the data in memory; use t-test for backed data or load without backed")
     _check_cells_per_condition(data)
     names = data.condition_names
-    sums, sum_squares = data.expression.group_sums(data.condition_codes, len(names), squares=True, progress="DE statistics")
-    n_cells = np.bincount(data.condition_codes, minlength=len(names)).astype(np.float64)[:, None]
+    n_cells, sums, sum_squares = data.condition_moments
+    n_cells = n_cells[:, None]
     means = sums / n_cells
     variances = np.maximum(sum_squares / n_cells - means**2, 0.0) * n_cells / (n_cells - 1)
     control = names.index(CONTROL)

@@ -118,12 +118,22 @@ class PerturbationData:
         return pd.Index(self.condition_names).get_indexer(self.conditions).astype(np.int64)
 
     @cached_property
-    def mean_profiles(self) -> pd.DataFrame:
-        """Mean log-normalized profile of every condition (conditions x genes, float64), in one chunked pass."""
+    def condition_moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cells, sums and sums of squares of every condition (rows of `condition_names`; float64).
+
+        One chunked pass gives what both the mean profiles and the t-test DE statistics need, so a run that
+        uses both (training, evaluation, baselines) reads backed data once for them.
+        """
         n_groups = len(self.condition_names)
-        sums, _ = self.expression.group_sums(self.condition_codes, n_groups, progress="condition means" if self.backed else None)
-        counts = np.bincount(self.condition_codes, minlength=n_groups)[:, None]
-        return pd.DataFrame(sums / counts, index=self.condition_names, columns=self.genes)
+        progress = "condition statistics" if self.backed else None
+        sums, sum_squares = self.expression.group_sums(self.condition_codes, n_groups, squares=True, progress=progress)
+        return np.bincount(self.condition_codes, minlength=n_groups).astype(np.float64), sums, sum_squares
+
+    @cached_property
+    def mean_profiles(self) -> pd.DataFrame:
+        """Mean log-normalized profile of every condition (conditions x genes, float64)."""
+        n_cells, sums, _ = self.condition_moments
+        return pd.DataFrame(sums / n_cells[:, None], index=self.condition_names, columns=self.genes)
 
     @property
     def control_mean(self) -> np.ndarray:
@@ -156,7 +166,11 @@ def read_h5ad(path: str | Path) -> ad.AnnData:
     try:
         return ad.read_h5ad(path)
     except Exception as error:  # h5py/anndata raise many types for a corrupt file
-        raise DataError(f"{path} could not be read as an AnnData .h5ad file ({type(error).__name__}: {error})") from error
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: Path, error: Exception) -> DataError:
+    return DataError(f"{path} could not be read as an AnnData .h5ad file ({type(error).__name__}: {error})")
 
 
 def _check_h5ad_path(path: str | Path) -> Path:
@@ -265,7 +279,7 @@ def _read_metadata(source: str | Path) -> ad.AnnData:
     except DataError:
         raise
     except Exception as error:  # h5py/anndata raise many types for a corrupt file
-        raise DataError(f"{path} could not be read as an AnnData .h5ad file ({type(error).__name__}: {error})") from error
+        raise _unreadable(path, error) from error
 
 
 def _scan_values(rows: ExpressionRows) -> bool:
