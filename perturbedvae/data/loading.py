@@ -295,11 +295,9 @@ def _scan_values(rows: ExpressionRows) -> bool:
         _check_finite(block)
         if _min_value(block) < 0:
             raise DataError(_NEGATIVE_VALUES)
-        values = _values(block)
-        if values.size:
-            integral = integral and bool(np.all(np.mod(values, 1) == 0))
-            maximum = max(maximum, float(values.max()))
-    return integral and maximum > 20
+        block_integral, block_maximum = _integral_and_max(_values(block))
+        integral, maximum = integral and block_integral, max(maximum, block_maximum)
+    return integral and maximum > _COUNTS_MINIMUM_MAX
 
 
 def _apply_obs_filter(adata: ad.AnnData, obs_filter: Mapping[str, object] | None) -> ad.AnnData:
@@ -414,13 +412,21 @@ def _check_finite(matrix) -> None:
         raise DataError(f"expression has {int(bad.sum())} NaN or infinite values; fix or drop those cells/genes first")
 
 
-def looks_like_counts(matrix, sample: int = 100_000) -> bool:
-    """True when values are non-negative integers with a maximum above log-scale values (> 20)."""
+_COUNTS_MINIMUM_MAX = 20
+"""Raw counts reach values no log-normalized matrix does."""
+
+
+def looks_like_counts(matrix) -> bool:
+    """True when every value is a non-negative integer and the maximum is above log-scale values (> 20)."""
     values = _values(matrix)
+    integral, maximum = _integral_and_max(values)
+    return bool(values.size) and _min_value(matrix) >= 0 and integral and maximum > _COUNTS_MINIMUM_MAX
+
+
+def _integral_and_max(values: np.ndarray) -> tuple[bool, float]:
     if values.size == 0:
-        return False
-    values = values[:sample] if values.size > sample else values
-    return bool(values.min() >= 0 and np.all(np.mod(values, 1) == 0) and _values(matrix).max() > 20)
+        return True, 0.0
+    return bool(np.all(np.mod(values, 1) == 0)), float(values.max())
 
 
 def _normalize_counts(adata: ad.AnnData) -> None:
