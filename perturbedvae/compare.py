@@ -442,7 +442,9 @@ def _score(plan: ComparePlan, data: PerturbationData, first: TestPredictions, re
     for seed in plan.settings.seeds:
         groups = _shared_groups(results, seed)
         named = {variant: result.predictions[seed] for variant, result in results.items()}
-        _, tidy = evaluate_beside_baselines(data, first.run.split, named, first.run.config.data.de_method, groups=groups)
+        _, tidy = evaluate_beside_baselines(
+            data, first.run.split, named, first.run.config.data.de_method, groups=groups, n_de_genes=first.run.config.data.n_de_genes
+        )
         frames.append(tidy[tidy["model"].isin(keep)].assign(seed=seed))
         doubles = sorted({c for members in groups.values() for c in members if len(genes_of(c)) == 2})
         baselines = {name: p for name, p in predict_baselines(data, first.run.split.train, doubles).items() if name in keep}

@@ -4,7 +4,19 @@ import pytest
 from perturbedvae.data.conditions import CONTROL
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.errors import SplitError
-from perturbedvae.evaluate.baselines import BASELINES, additive, linear, no_change, predict_baselines, train_mean
+from perturbedvae.data.de import compute_de_genes
+from perturbedvae.evaluate.baselines import (
+    BASELINES,
+    additive,
+    dominance,
+    fit_saturation,
+    linear,
+    no_change,
+    predict_baselines,
+    saturating_additive,
+    single_gene_deltas,
+    train_mean,
+)
 from tests.conftest import make_toy_adata
 
 TRAIN = [CONTROL, "G0", "G1", "G2", "G0+G1"]
@@ -72,3 +84,61 @@ def test_additive_beats_no_change_on_real_norman_doubles(norman_data):
         for name in ("no_change", "additive")
     }
     assert errors["additive"] < errors["no_change"]
+
+
+def test_dominance_takes_the_larger_single_change_per_gene(toy_data):
+    profiles, control = toy_data.mean_profiles, toy_data.control_mean
+    delta_1, delta_2 = profiles.loc["G1"].to_numpy() - control, profiles.loc["G2"].to_numpy() - control
+    expected = control + np.where(np.abs(delta_1) >= np.abs(delta_2), delta_1, delta_2)
+    np.testing.assert_allclose(dominance(toy_data, TRAIN, HELD_OUT).means.loc["G1+G2"], expected)
+    np.testing.assert_allclose(dominance(toy_data, TRAIN, ["G1"]).means.loc["G1"], profiles.loc["G1"])
+
+
+def test_saturating_additive_subtracts_gamma_times_same_direction_overlap(toy_data):
+    profiles, control = toy_data.mean_profiles, toy_data.control_mean
+    deltas = single_gene_deltas(toy_data, TRAIN)
+    gamma = fit_saturation(toy_data, TRAIN, deltas)
+    delta_1, delta_2 = deltas["G1"], deltas["G2"]
+    agree = (np.sign(delta_1) == np.sign(delta_2)) & (delta_1 != 0)
+    overlap = np.where(agree, np.sign(delta_1) * np.minimum(np.abs(delta_1), np.abs(delta_2)), 0.0)
+    expected = control + delta_1 + delta_2 - gamma * overlap
+    np.testing.assert_allclose(saturating_additive(toy_data, TRAIN, HELD_OUT).means.loc["G1+G2"], expected)
+    # singles are unchanged, and without training combinations gamma is 0: the additive prediction
+    np.testing.assert_allclose(saturating_additive(toy_data, TRAIN, ["G2"]).means.loc["G2"], profiles.loc["G2"])
+    singles_only = [CONTROL, "G0", "G1", "G2"]
+    assert fit_saturation(toy_data, singles_only, single_gene_deltas(toy_data, singles_only)) == 0.0
+
+
+def test_saturation_is_the_least_squares_coefficient_on_training_combination_de_genes(toy_data):
+    deltas = single_gene_deltas(toy_data, TRAIN)
+    gamma = fit_saturation(toy_data, TRAIN, deltas)
+    genes = compute_de_genes(toy_data).top("G0+G1")
+    control = toy_data.control_mean
+    observed = toy_data.mean_profiles.loc["G0+G1"].to_numpy() - control
+
+    def squared_error(value: float) -> float:
+        stack = np.vstack([deltas["G0"], deltas["G1"]])
+        signs = np.sign(stack)
+        agree = (signs[0] == signs[1]) & (signs[0] != 0)
+        overlap = np.where(agree, signs[0] * np.abs(stack).min(axis=0), 0.0)
+        return float((((stack.sum(axis=0) - value * overlap) - observed)[genes] ** 2).sum())
+
+    assert squared_error(gamma) <= min(squared_error(gamma - 0.05), squared_error(gamma + 0.05))
+
+
+def test_saturating_additive_beats_additive_on_real_norman_doubles(norman_data):
+    """Leave one double out: on every Norman double with both singles measured the fitted saturation helps."""
+    doubles = ["KLF1+MAP2K6", "KLF1+TGFBR2", "MAP2K3+MAP2K6", "MAP2K3+SLC38A2", "MAPK1+TGFBR2"]
+    de = compute_de_genes(norman_data)
+    wins = 0
+    for held_out in doubles:
+        train = [name for name in norman_data.condition_names if name != held_out]
+        gamma = fit_saturation(norman_data, train, single_gene_deltas(norman_data, train))
+        assert 0.3 < gamma < 0.9
+        observed = norman_data.mean_profiles.loc[held_out].to_numpy()[de.top(held_out)]
+        errors = {
+            name: float(((BASELINES[name](norman_data, train, [held_out]).means.to_numpy()[0][de.top(held_out)] - observed) ** 2).mean())
+            for name in ("additive", "saturating_additive")
+        }
+        wins += errors["saturating_additive"] < errors["additive"]
+    assert wins == len(doubles)

@@ -146,3 +146,13 @@ def test_rank_about_half_for_shuffled_or_collapsed_predictions():
     assert metrics.rank_score(shuffled, observed).mean() == pytest.approx(0.5, abs=0.06)
     collapsed = np.tile(observed.mean(axis=0), (300, 1))
     np.testing.assert_allclose(metrics.rank_score(collapsed, observed), 0.5 * 299 / 300)
+
+
+def test_rank_ties_predictions_equal_up_to_rounding():
+    """Collapsed predictions computed along other paths differ in their last bits; they are still ties."""
+    rng = np.random.default_rng(3)
+    observed = rng.normal(size=(40, 200))
+    base = observed.mean(axis=0)
+    collapsed = np.vstack([(base * (1.0 + 1e-15 * rng.standard_normal())) for _ in range(40)])
+    assert len({row.tobytes() for row in collapsed}) > 1  # the rows really differ in their last bits
+    np.testing.assert_allclose(metrics.rank_score(collapsed, observed), 0.5 * 39 / 40, rtol=1e-12)

@@ -170,14 +170,23 @@ def rank_score(predicted: np.ndarray, observed: np.ndarray) -> np.ndarray:
     """PerturBench's rank metric: how many other conditions' predictions lie closer to an observed profile.
 
     For observed profile y_p, order all N predictions ŷ_q by Euclidean distance ‖ŷ_q − y_p‖; the score is
-    the 0-based position of ŷ_p divided by N (ties count half, where PerturBench shuffles). 0 means the
-    matching prediction is the closest; ≈ 0.5 means predictions do not tell conditions apart (e.g. a model
-    predicting the same profile for everything). Euclidean distance is unchanged by subtracting the
-    control mean, so this is also the rank on deltas.
+    the 0-based position of ŷ_p divided by N, ties counting half (the average rank, where PerturBench
+    shuffles). 0 means the matching prediction is the closest; ≈ 0.5 means predictions do not tell
+    conditions apart (e.g. a model predicting the same profile for everything). Euclidean distance is
+    unchanged by subtracting the control mean, so this is also the rank on deltas.
+
+    Distances equal up to floating-point rounding are ties: identical predictions computed along other
+    paths differ in their last bits, and comparing those bits would order them by noise.
     """
     predicted, observed = _rows(predicted), _rows(observed)
-    distances = np.sqrt(_squared_distances(observed, predicted))
-    own = np.diag(distances)[:, None]
-    closer = (distances < own).sum(axis=1)
-    tied = (distances == own).sum(axis=1) - 1
+    squared = _squared_distances(observed, predicted)
+    own = np.diag(squared)[:, None]
+    scale = (observed**2).sum(axis=1)[:, None] + (predicted**2).sum(axis=1)[None, :] + np.diag(squared)[:, None]
+    tied_mask = np.abs(squared - own) <= _RANK_TIE_RTOL * scale
+    closer = ((squared < own) & ~tied_mask).sum(axis=1)
+    tied = tied_mask.sum(axis=1) - 1
     return (closer + 0.5 * tied) / len(observed)
+
+
+_RANK_TIE_RTOL = 1e-9
+"""Relative tolerance of the rank metric's ties, against ‖y‖² + ‖ŷ‖² (the rounding scale of a squared distance)."""
