@@ -55,6 +55,21 @@ def test_a_run_writes_its_layout(run_dir: Path) -> None:
     assert load_config(run_dir / "config.yaml") == tiny(run_dir)
 
 
+def test_selection_on_held_out_cells(tmp_path: Path) -> None:
+    """Held-out cells of training conditions leave training and select the epoch by the prediction error."""
+    directory = train_from_config(tiny(tmp_path / "held", "train.selection=held_out_cells", "train.held_out_fraction=0.2", "train.epochs=3"))
+    log = [json.loads(line) for line in (directory / "log.jsonl").read_text().splitlines()]
+    scores = [record["val"]["held_out_mse"] for record in log]
+    info = json.loads((directory / "run_info.json").read_text())
+    assert info["selection_metric"] == "held_out_mse"
+    assert info["best_epoch"] == 1 + int(np.argmin(scores))
+    assert info["best_val_held_out_mse"] == pytest.approx(min(scores))
+    run = load_run(directory)
+    assert len(run.datamodule.held_out_cells) > 0
+    assert not np.isin(run.datamodule.held_out_cells, run.datamodule.train_cells).any()
+    assert info["n_train_cells"] == len(run.datamodule.train_cells)
+
+
 def test_predict_conditions_speaks_the_datas_condition_syntax(run_dir: Path) -> None:
     run = load_run(run_dir)
     a, b = run.model.perturbation_genes[:2]

@@ -21,10 +21,10 @@ from perturbedvae.data.splits import make_split
 from perturbedvae.data.synthetic import SimulationConfig, simulate
 from perturbedvae.errors import CheckpointError, ConfigError, TrainingDivergedError
 from perturbedvae.train.config import ExperimentConfig, TrainConfig
-from perturbedvae.train.datamodule import EpochShuffleSampler, PerturbationDataModule, perturbation_vocabulary
+from perturbedvae.train.datamodule import EpochShuffleSampler, PerturbationDataModule, hold_out_cells, perturbation_vocabulary
 from perturbedvae.train.representation import build_representation
 from perturbedvae.train.runs import train_from_config
-from perturbedvae.train.trainer import Trainer, make_accelerator, warmup_factor
+from perturbedvae.train.trainer import Selection, Trainer, make_accelerator, warmup_factor
 
 REPO = Path(__file__).resolve().parents[1]
 SIMULATION = {"n_genes": 40, "n_latent": 4, "n_perturbations": 6, "n_combinations": 8, "cells_per_condition": 15, "n_control_cells": 60}
@@ -103,9 +103,33 @@ def test_warmup_is_linear_over_epochs() -> None:
 def test_nan_loss_stops_with_the_step_and_cells_named(datamodule, tmp_path: Path) -> None:
     poisoned = PerturbationDataModule(datamodule.data, datamodule.split, datamodule.representation,
                                       datamodule.target, datamodule.library_size * np.nan,
-                                      datamodule.perturbation_genes, datamodule.train_cells)
+                                      datamodule.perturbation_genes, datamodule.train_cells, datamodule.held_out_cells)
     with pytest.raises(TrainingDivergedError, match=r"epoch 1, step 0 .*global step 0.*cell\d+.*train.lr"):
         Trainer(tiny_config(tmp_path), poisoned, tmp_path).fit()
+
+
+def test_selection_by_an_error_keeps_the_lowest(datamodule, tmp_path: Path) -> None:
+    scores = iter([0.3, 0.1, 0.2])
+    trainer = Trainer(tiny_config(tmp_path, epochs=3), datamodule, tmp_path,
+                      validator=lambda module: {"held_out_mse": next(scores)}, selection=Selection("held_out_mse", maximize=False))
+    result = trainer.fit()
+    assert result.progress.best_epoch == 2
+    assert result.run_info["best_val_held_out_mse"] == pytest.approx(0.1)
+
+
+def test_held_out_cells_leave_training_per_condition(datamodule) -> None:
+    data, split = datamodule.data, datamodule.split
+    train, held = hold_out_cells(data, split.train, 0.2, seed=3)
+    assert len(np.intersect1d(train, held)) == 0
+    assert sorted(np.concatenate([train, held]).tolist()) == np.flatnonzero(np.isin(data.conditions, split.train)).tolist()
+    for name in split.train:
+        cells = data.cell_indices(name)
+        n_held = int(np.isin(cells, held).sum())
+        assert n_held == min(len(cells) - 1, int(0.2 * len(cells) + 0.5))
+    again, _ = hold_out_cells(data, split.train, 0.2, seed=3)
+    np.testing.assert_array_equal(train, again)  # seeded
+    other, _ = hold_out_cells(data, split.train, 0.2, seed=4)
+    assert not np.array_equal(train, other)
 
 
 def test_early_stopping_keeps_the_best_weights(datamodule, tmp_path: Path) -> None:

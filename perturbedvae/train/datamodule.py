@@ -14,6 +14,7 @@ exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,25 @@ def is_predictable(condition: str, vocabulary: Sequence[str]) -> bool:
     return all(gene in known for gene in genes_of(condition))
 
 
+def hold_out_cells(data: PerturbationData, conditions: Sequence[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of the cells of `conditions`: a seeded `fraction` of each condition held out.
+
+    Draws depend only on (seed, condition name), so adding a condition to the split moves no other cell.
+    """
+    rows = np.flatnonzero(np.isin(data.conditions, list(conditions)))
+    if fraction <= 0:
+        return rows, np.zeros(0, dtype=np.int64)
+    held_out = []
+    for name in sorted(conditions):
+        cells = data.cell_indices(name)
+        n_held = min(len(cells) - 1, int(fraction * len(cells) + 0.5))
+        if n_held > 0:
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            held_out.append(rng.choice(cells, n_held, replace=False))
+    held = np.sort(np.concatenate(held_out)) if held_out else np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(rows, held), held
+
+
 @dataclass
 class PerturbationDataModule:
     """Everything the trainer and predictions need from the data, built once.
@@ -66,6 +86,8 @@ class PerturbationDataModule:
         library_size: Total counts per cell, when the data held counts.
         perturbation_genes: The perturbation vocabulary.
         train_cells: Row numbers of the training cells.
+        held_out_cells: Row numbers of cells of training conditions kept out of training to select the
+            epoch (`train.selection: held_out_cells`; empty otherwise).
         condition_codes: Per cell, the row of `condition_multi_hot` of its condition.
         condition_multi_hot: Multi-hot of every condition of the data; a condition with a gene outside the
             vocabulary gets the control row, which never matters since only training cells are batched.
@@ -78,10 +100,22 @@ class PerturbationDataModule:
     library_size: np.ndarray | None
     perturbation_genes: list[str]
     train_cells: np.ndarray
+    held_out_cells: np.ndarray
 
     @classmethod
-    def build(cls, data: PerturbationData, split: Split, representation: Representation, likelihood: str) -> PerturbationDataModule:
+    def build(
+        cls,
+        data: PerturbationData,
+        split: Split,
+        representation: Representation,
+        likelihood: str,
+        held_out_fraction: float = 0.0,
+        seed: int = 0,
+    ) -> PerturbationDataModule:
         """Check the split against the data and assemble targets and the vocabulary.
+
+        With `held_out_fraction` > 0, that seeded fraction of every training condition's cells (rounded
+        half up, leaving at least one to train on) moves from `train_cells` to `held_out_cells`.
 
         Raises:
             SplitError: when the split does not match the data or trains on no perturbed cell.
@@ -91,7 +125,7 @@ class PerturbationDataModule:
         vocabulary = perturbation_vocabulary(split)
         if not vocabulary:
             raise SplitError("the split's training conditions perturb no gene; the head needs perturbed training cells")
-        train_cells = np.flatnonzero(np.isin(data.conditions, split.train))
+        train_cells, held_out_cells = hold_out_cells(data, split.train, held_out_fraction, seed)
         if not np.any(data.conditions[train_cells] == CONTROL):
             raise SplitError("no control cells among the training cells; counterfactual predictions start from controls")
         counts = data.counts
@@ -102,7 +136,7 @@ class PerturbationDataModule:
             )
         target = counts if likelihood == "nb" else data.expression
         library_size = None if counts is None else counts.row_sums().astype(np.float32)
-        return cls(data, split, representation, target, library_size, vocabulary, train_cells)
+        return cls(data, split, representation, target, library_size, vocabulary, train_cells, held_out_cells)
 
     def __post_init__(self) -> None:
         names = self.data.condition_names

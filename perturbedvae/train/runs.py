@@ -36,7 +36,7 @@ from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
 from perturbedvae.evaluate import Evaluator, Predictions, compare, write_metrics
 from perturbedvae.model import PerturbedVAE
 from perturbedvae.train.config import DataConfig, ExperimentConfig, SplitConfig, load_config
-from perturbedvae.train.datamodule import PerturbationDataModule, is_predictable
+from perturbedvae.train.datamodule import PerturbationDataModule, hold_out_cells, is_predictable
 from perturbedvae.train.predict import predict_from_controls
 from perturbedvae.train.representation import (
     ADAPTERS_DIR,
@@ -45,7 +45,7 @@ from perturbedvae.train.representation import (
     attach_encoder,
     build_representation,
 )
-from perturbedvae.train.trainer import SELECTION_METRIC, Trainer, make_accelerator
+from perturbedvae.train.trainer import SELECTION_METRIC, Selection, Trainer, Validator, make_accelerator
 
 MODEL_NAME = "perturbedvae"
 """Name of the head's predictions in metrics.json (baselines sit beside it under their own names)."""
@@ -129,10 +129,16 @@ def load_or_make_split(config: SplitConfig, data: PerturbationData) -> Split:
 
 
 def build_datamodule(config: ExperimentConfig, data: PerturbationData, split: Split, run_dir: Path | None = None) -> PerturbationDataModule:
-    """Representation + targets + vocabulary; with `run_dir`, the saved PCA basis or adapters are reused."""
-    train_cells = np.flatnonzero(np.isin(data.conditions, split.train))
+    """Representation + targets + vocabulary; with `run_dir`, the saved PCA basis or adapters are reused.
+
+    With `train.selection: held_out_cells` the held-out cells leave the training cells, the PCA fit too.
+    """
+    held_out_fraction = config.train.held_out_fraction if config.train.selection == "held_out_cells" else 0.0
+    train_cells, _ = hold_out_cells(data, split.train, held_out_fraction, config.train.seed)
     representation = build_representation(config.representation, data, train_cells, run_dir)
-    return PerturbationDataModule.build(data, split, representation, config.model["likelihood"])
+    return PerturbationDataModule.build(
+        data, split, representation, config.model["likelihood"], held_out_fraction=held_out_fraction, seed=config.train.seed
+    )
 
 
 def gene_features(config: ExperimentConfig, datamodule: PerturbationDataModule) -> torch.Tensor | None:
@@ -182,6 +188,49 @@ class ConditionScorer:
         return {name: float(value) for name, value in self.evaluator.evaluate(self.predict(module)).overall.items()}
 
 
+HELD_OUT_METRIC = "held_out_mse"
+
+
+class HeldOutCellScorer:
+    """Scores each training condition's counterfactual prediction against the mean of its held-out cells.
+
+    The score is the mean over conditions of the MSE across genes (lower is better): it selects the epoch
+    on the prediction path itself, on cells no step trained on, without spending a held-out condition.
+    """
+
+    selection = Selection(HELD_OUT_METRIC, maximize=False)
+
+    def __init__(self, datamodule: PerturbationDataModule, control_cells: np.ndarray) -> None:
+        held = datamodule.held_out_cells
+        conditions = datamodule.data.conditions[held]
+        self.conditions = sorted(set(conditions) & set(datamodule.split.train))
+        self.datamodule, self.control_cells = datamodule, control_cells
+        expression = datamodule.data.expression
+        self.observed = np.vstack([_dense_mean(expression[held[conditions == name]]) for name in self.conditions]) if self.conditions else None
+
+    def __call__(self, module: torch.nn.Module) -> dict[str, float]:
+        predicted = predict_from_controls(module, self.datamodule, self.conditions, self.control_cells).means.to_numpy()
+        return {HELD_OUT_METRIC: float(((predicted - self.observed) ** 2).mean())}
+
+
+def _dense_mean(block) -> np.ndarray:
+    return np.asarray(block.mean(axis=0), dtype=np.float64).ravel()
+
+
+def make_validator(config: ExperimentConfig, datamodule: PerturbationDataModule, split: Split, controls: np.ndarray) -> tuple[Validator | None, Selection, list[str]]:
+    """The run's validator, its selection rule and the validation conditions it cannot predict."""
+    if config.train.selection == "last":
+        return None, Selection(), []
+    if config.train.selection == "held_out_cells":
+        scorer = HeldOutCellScorer(datamodule, controls)
+        return (scorer if scorer.conditions else None), scorer.selection, []
+    validator = ConditionScorer(datamodule, split.val, split.val_subgroups, config.data.de_method, config.data.n_de_genes, controls)
+    if not validator.conditions:
+        warnings.warn("no validation condition the head can predict: model selection uses the last epoch", UserWarning, stacklevel=3)
+        return None, Selection(), validator.skipped
+    return validator, Selection(), validator.skipped
+
+
 def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
     """Train the experiment a config describes, evaluate it on the test conditions, return the run dir.
 
@@ -205,10 +254,8 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
         split.save(layout.split)
         datamodule.representation.save(layout.root)
     controls = datamodule.control_cells(config.train.n_control_cells, config.train.seed)
-    validator = ConditionScorer(datamodule, split.val, split.val_subgroups, config.data.de_method, config.data.n_de_genes, controls)
-    if not validator.conditions:
-        warnings.warn("no validation condition the head can predict: model selection uses the last epoch", UserWarning, stacklevel=2)
-    trainer = Trainer(config, datamodule, layout.root, validator if validator.conditions else None, gene_features(config, datamodule), accelerator)
+    validator, selection, unpredictable_val = make_validator(config, datamodule, split, controls)
+    trainer = Trainer(config, datamodule, layout.root, validator, gene_features(config, datamodule), accelerator, selection)
     result = trainer.fit(resume=resume)
     if accelerator.is_main_process:
         head = result.module.head if isinstance(result.module, EncoderWithHead) else result.module
@@ -217,7 +264,7 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
             save_adapters(datamodule.representation.encoder, layout.adapters)
         test_scorer = ConditionScorer(datamodule, split.test, split.test_subgroups, config.data.de_method, config.data.n_de_genes, controls)
         run_info = {**result.run_info, "data_fingerprint": data.fingerprint, "n_train_cells": len(datamodule.train_cells),
-                    "unpredictable_val_conditions": validator.skipped, "unpredictable_test_conditions": test_scorer.skipped}
+                    "unpredictable_val_conditions": unpredictable_val, "unpredictable_test_conditions": test_scorer.skipped}
         if test_scorer.conditions:
             summary, tidy = compare(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(result.module)})
             write_metrics(summary, tidy, layout.root)

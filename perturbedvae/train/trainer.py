@@ -39,9 +39,23 @@ from perturbedvae.train.datamodule import INDEX_KEY, PerturbationDataModule
 from perturbedvae.train.representation import attach_encoder
 
 SELECTION_METRIC = "pearson_delta_de"
+"""Metric of model selection on validation conditions (`train.selection: val_conditions`), higher is better."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which validation score picks the kept epoch, and its direction."""
+
+    metric: str = SELECTION_METRIC
+    maximize: bool = True
+
+    def signed(self, value: float) -> float:
+        """The value as a score to maximise (errors negated)."""
+        return value if self.maximize else -value
+
 
 Validator = Callable[[torch.nn.Module], Mapping[str, float]]
-"""Scores the (unwrapped) head on validation conditions; must return SELECTION_METRIC."""
+"""Scores the (unwrapped) head; must return the metric of the trainer's `Selection`."""
 
 
 @dataclass
@@ -129,6 +143,7 @@ class Trainer:
             validation (then the last epoch's weights are kept).
         gene_features: Per-perturbation-gene features for heads with `gene_feature_dim`.
         accelerator: An Accelerator made by `make_accelerator` (made here when None).
+        selection: The validator's metric that picks the kept epoch, and its direction.
     """
 
     def __init__(
@@ -139,8 +154,10 @@ class Trainer:
         validator: Validator | None = None,
         gene_features: torch.Tensor | None = None,
         accelerator: Accelerator | None = None,
+        selection: Selection = Selection(),
     ) -> None:
         self.config = config
+        self.selection = selection
         self.settings = config.train
         self.datamodule = datamodule
         self.run_dir = Path(run_dir)
@@ -306,7 +323,7 @@ class Trainer:
                 scores = self.validator(self.accelerator.unwrap_model(module))
                 metrics = {name: float(value) for name, value in scores.items()}
         metrics = broadcast_object_list([metrics])[0] if self.accelerator.num_processes > 1 else metrics
-        score = metrics.get(SELECTION_METRIC, math.nan)
+        score = self.selection.signed(metrics.get(self.selection.metric, math.nan))
         if not math.isnan(score) and score > progress.best_score:
             progress.best_score, progress.best_epoch = score, progress.epochs_done
             progress.evals_without_improvement = 0
@@ -341,7 +358,8 @@ class Trainer:
             "epochs_done": progress.epochs_done,
             "global_steps": progress.global_step,
             "best_epoch": progress.best_epoch,
-            "best_val_" + SELECTION_METRIC: None if math.isinf(progress.best_score) else progress.best_score,
+            "selection_metric": self.selection.metric,
+            "best_val_" + self.selection.metric: None if math.isinf(progress.best_score) else self.selection.signed(progress.best_score),
             "stopped_early": progress.stopped_early,
             "train_cells_per_second": cells_seen / train_seconds if train_seconds > 0 else None,
             "train_seconds": train_seconds,
