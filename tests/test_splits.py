@@ -242,3 +242,36 @@ def test_gears_split_validates_inputs():
         gears_simulation_split(["ctrl"])
     with pytest.raises(SplitError, match="seed"):
         gears_simulation_split(["A", "B"], seed=-1)
+
+
+NORMAN_BENCHMARK_DOUBLES = ["KLF1+MAP2K6", "KLF1+TGFBR2", "MAP2K3+MAP2K6", "MAP2K3+SLC38A2", "MAPK1+TGFBR2"]
+
+
+def test_lodo_holds_out_each_benchmark_combination_once(norman_data):
+    from perturbedvae.data.splits import benchmark_combinations, n_benchmark_folds
+
+    assert benchmark_combinations(norman_data) == NORMAN_BENCHMARK_DOUBLES
+    assert n_benchmark_folds(norman_data, "lodo") == 5
+    folds = [make_split(norman_data, "lodo", fold=fold) for fold in range(5)]
+    assert [split.test for split in folds] == [[name] for name in NORMAN_BENCHMARK_DOUBLES]
+    for split in folds:
+        assert split.val == [] and split.test_subgroups == {"combo_seen2": split.test}
+        assert sorted(split.train + split.test) == sorted(norman_data.condition_names)  # everything else trains
+    with pytest.raises(SplitError, match=r"fold must be an integer in \[0, 4\]"):
+        make_split(norman_data, "lodo", fold=5)
+    with pytest.raises(SplitError, match="needs fold"):
+        make_split(norman_data, "lodo")
+
+
+def test_kfold_partitions_the_benchmark_combinations(norman_data):
+    folds = [make_split(norman_data, "kfold", seed=2, fold=fold, n_folds=2) for fold in range(2)]
+    held = [name for split in folds for name in split.test]
+    assert sorted(held) == NORMAN_BENCHMARK_DOUBLES and sorted(len(split.test) for split in folds) == [2, 3]
+    assert folds[0].test == make_split(norman_data, "kfold", seed=2, fold=0, n_folds=2).test  # seeded
+
+
+def test_singles_only_trains_on_singles_and_tests_every_benchmark_combination(norman_data):
+    split = make_split(norman_data, "singles_only")
+    assert split.test == NORMAN_BENCHMARK_DOUBLES
+    assert all(len(name.split("+")) == 1 for name in split.train)
+    assert sorted(split.train) == sorted(name for name in norman_data.condition_names if "+" not in name)  # control + 18 singles

@@ -1,12 +1,16 @@
 """Reproducible train/val/test splits of perturbation conditions, saved as JSON beside every result.
 
 A split assigns whole conditions (never cells) to roles, because the question the field asks is how well a
-model predicts a perturbation it has never seen. Three schemes:
+model predicts a perturbation it has never seen. The schemes:
 
 - `gears`: GEARS' simulation split, reproduced draw for draw so numbers stay comparable with GEARS-based
   papers (see `gears_simulation_split`).
 - `doubles`: hold out combinations whose genes were all seen alone (SAMS-VAE's Norman OOD protocol).
 - `custom`: the user's own obs column of train/val/test labels.
+- Benchmark folds over the combinations whose genes were all seen alone (`benchmark_combinations`):
+  `lodo` holds out one of them per fold, `kfold` one of K seeded folds, `singles_only` trains on control
+  and singles and tests every such combination (discrepancy-VAE's protocol). A fold has no validation
+  condition: models select their epoch on held-out cells of the training conditions.
 
 A split is always written to a file: GEARS' split depends on which copy of the data it ran on, so the file,
 not the seed, is what makes a result reproducible.
@@ -26,7 +30,8 @@ from perturbedvae.data.conditions import CONTROL, ConditionSyntax, canonical_nam
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.errors import ConditionError, SplitError
 
-SCHEMES: tuple[str, ...] = ("gears", "doubles", "custom")
+SCHEMES: tuple[str, ...] = ("gears", "doubles", "custom", "lodo", "kfold", "singles_only")
+BENCHMARK_PROTOCOLS: tuple[str, ...] = ("lodo", "kfold", "singles_only")
 ROLES: tuple[str, ...] = ("train", "val", "test")
 UNSEEN_COMBO_CHOICES: tuple[str, ...] = ("test", "train")
 
@@ -502,12 +507,103 @@ def custom_split(data: PerturbationData, column: str) -> Split:
     )
 
 
+# --- benchmark folds ---------------------------------------------------------------------------------------
+
+
+def benchmark_combinations(data_or_conditions: PerturbationData | Sequence[str], syntax: ConditionSyntax = ConditionSyntax()) -> list[str]:
+    """Combinations whose every gene has a single in the data, sorted: the ones benchmark folds hold out."""
+    names, _ = _canonical_conditions(data_or_conditions, syntax)
+    single_genes = {genes_of(name)[0] for name in names if len(genes_of(name)) == 1}
+    return [name for name in names if len(genes_of(name)) > 1 and all(gene in single_genes for gene in genes_of(name))]
+
+
+def n_benchmark_folds(data: PerturbationData, protocol: str, n_folds: int = 5) -> int:
+    """How many folds a benchmark protocol has on `data`."""
+    if protocol == "singles_only":
+        return 1
+    combinations = _checked_benchmark_combinations(data)
+    return len(combinations) if protocol == "lodo" else min(_checked_fold_count(n_folds), len(combinations))
+
+
+def lodo_split(data: PerturbationData, fold: int) -> Split:
+    """Leave one combination out: fold `fold` tests the fold-th benchmark combination; all else trains."""
+    combinations = _checked_benchmark_combinations(data)
+    _check_fold(fold, len(combinations))
+    return _fold_split(data, "lodo", [combinations[fold]], {"fold": fold})
+
+
+def kfold_split(data: PerturbationData, fold: int, n_folds: int = 5, seed: int = 1) -> Split:
+    """Fold `fold` of `n_folds` seeded folds of the benchmark combinations (sizes differ by at most 1)."""
+    combinations = _checked_benchmark_combinations(data)
+    n_folds = min(_checked_fold_count(n_folds), len(combinations))
+    _check_fold(fold, n_folds)
+    order = np.random.RandomState(_check_seed(seed)).permutation(len(combinations))
+    held_out = [combinations[index] for index in np.array_split(order, n_folds)[fold]]
+    return _fold_split(data, "kfold", held_out, {"fold": fold, "n_folds": n_folds}, seed)
+
+
+def singles_only_split(data: PerturbationData) -> Split:
+    """Train on control and singles; test every benchmark combination (other combinations take no part)."""
+    combinations = _checked_benchmark_combinations(data)
+    singles = [name for name in data.condition_names if len(genes_of(name)) == 1]
+    return Split(
+        scheme="singles_only",
+        seed=None,
+        train=[CONTROL, *singles],
+        val=[],
+        test=combinations,
+        test_subgroups=_subgroups_by_seen_singles(combinations, singles),
+        val_subgroups={},
+        params={},
+        data_fingerprint=data.fingerprint,
+    )
+
+
+def _fold_split(data: PerturbationData, scheme: str, held_out: list[str], params: dict, seed: int | None = None) -> Split:
+    train = [name for name in data.condition_names if name not in set(held_out)]
+    return Split(
+        scheme=scheme,
+        seed=seed,
+        train=train,
+        val=[],
+        test=held_out,
+        test_subgroups=_subgroups_by_seen_singles(held_out, train),
+        val_subgroups={},
+        params=params,
+        data_fingerprint=data.fingerprint,
+    )
+
+
+def _checked_benchmark_combinations(data: PerturbationData) -> list[str]:
+    combinations = benchmark_combinations(data)
+    if not combinations:
+        raise SplitError(
+            "no combination has all its genes perturbed alone in the data; the benchmark protocols hold out such "
+            "combinations (use scheme gears, doubles or custom for other screens)"
+        )
+    return combinations
+
+
+def _checked_fold_count(n_folds: object) -> int:
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
+        raise SplitError(f"n_folds must be an integer of at least 2, got {n_folds!r}")
+    return n_folds
+
+
+def _check_fold(fold: object, n_folds: int) -> None:
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < n_folds:
+        raise SplitError(f"fold must be an integer in [0, {n_folds - 1}] ({n_folds} folds), got {fold!r}")
+
+
 # --- entry point -------------------------------------------------------------------------------------------
 
 _PARAMETERS = {
     "gears": ("train_gene_set_size", "combo_seen2_train_frac"),
     "doubles": ("test_fraction", "val_fraction", "unseen_combos"),
     "custom": ("column",),
+    "lodo": ("fold",),
+    "kfold": ("fold", "n_folds"),
+    "singles_only": (),
 }
 
 
@@ -532,6 +628,14 @@ def make_split(data: PerturbationData, scheme: str, seed: int = 1, **params) -> 
         return split
     if scheme == "doubles":
         return doubles_split(data, seed, **params)
+    if scheme in ("lodo", "kfold") and "fold" not in params:
+        raise SplitError(f"split scheme {scheme!r} needs fold=<index of the held-out fold>")
+    if scheme == "lodo":
+        return lodo_split(data, params["fold"])
+    if scheme == "kfold":
+        return kfold_split(data, params["fold"], params.get("n_folds", 5), seed)
+    if scheme == "singles_only":
+        return singles_only_split(data)
     if "column" not in params:
         raise SplitError("split scheme 'custom' needs column=<obs column with train/val/test labels>")
     return custom_split(data, params["column"])
