@@ -152,13 +152,25 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         print(f"report written to {out / 'report.md'} and {out / 'report.html'}")
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
+    from perturbedvae.benchmark import run_benchmark
+
+    result = run_benchmark(args.config, args.protocol, args.seeds, args.out, args.overrides, n_folds=args.n_folds,
+                           n_bootstrap=args.bootstrap)
+    if PartialState().is_main_process:
+        print((Path(args.out) / "benchmark.md").read_text())
+        print(f"wrote {Path(args.out) / 'benchmark.md'}, benchmark.csv, verdicts.csv and benchmark.png ({len(result.tidy)} scores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perturbedvae", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     split = commands.add_parser("split", help="make a train/val/test split and save it as JSON")
     _add_data_options(split)
-    split.add_argument("--scheme", choices=["gears", "doubles", "custom"], required=True)
+    split.add_argument("--scheme", choices=["gears", "doubles", "custom", "lodo", "kfold", "singles_only"], required=True)
     split.add_argument("--seed", type=int, default=1)
     split.add_argument("--column", default=None, help="custom scheme: obs column with train/val/test")
     split.add_argument("--param", nargs="*", default=[], metavar="KEY=VALUE", help="scheme parameters")
@@ -174,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(evaluate, positional=False)
     evaluate.set_defaults(func=_cmd_evaluate)
 
-    baselines = commands.add_parser("baselines", help="evaluate the four baselines on a split")
+    baselines = commands.add_parser("baselines", help="evaluate every baseline on a split")
     _add_data_options(baselines)
     baselines.add_argument("--split", required=True)
     baselines.add_argument("--out", required=True)
@@ -200,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", required=True, help="compare config, e.g. configs/compare_norman.yaml")
     compare.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="compare.seeds=[1] or any experiment key, e.g. train.epochs=3")
     compare.set_defaults(func=_cmd_compare)
+
+    benchmark = commands.add_parser(
+        "benchmark", help="cross-validated held-out combinations: every model beside every baseline, paired, with the noise floor"
+    )
+    benchmark.add_argument("--config", action="append", required=True, metavar="[NAME=]CONFIG",
+                           help="experiment config of a model; repeat to benchmark several (name=path names each)")
+    benchmark.add_argument("--protocol", choices=["lodo", "kfold", "singles_only"], default="lodo")
+    benchmark.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    benchmark.add_argument("--n-folds", type=int, default=5, help="kfold: number of folds")
+    benchmark.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the paired intervals")
+    benchmark.add_argument("--out", default="runs/benchmark", help="report folder")
+    benchmark.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="applied to every model, e.g. train.epochs=20")
+    benchmark.set_defaults(func=_cmd_benchmark)
 
     embed = commands.add_parser("embed", help="run a frozen encoder once and cache the cell embeddings (Arrow)")
     _add_data_options(embed)

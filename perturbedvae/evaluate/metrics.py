@@ -21,6 +21,9 @@ DISCREPANCY_VAE_BANDWIDTHS: tuple[float, ...] = tuple(1000.0 / 2**5 * 2.0**i for
 1000 / 2^5 · 2^i for i = 0..9, i.e. 31.25 to 16000, with k(x, y) = exp(−‖x − y‖² / bandwidth)."""
 
 CELL_BATCH_SIZE = 32
+
+LOWER_IS_BETTER: frozenset[str] = frozenset({"mse", "mse_de", "frac_opposite_direction_de", "nrmse", "rank", "mmd", "energy_distance"})
+"""Metrics where a smaller value is better; the others (Pearson correlations, r2) are larger-better."""
 """discrepancy-VAE computes its per-cell metrics on batches of 32 cells and averages them."""
 
 

@@ -20,13 +20,15 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from perturbedvae.evaluate.metrics import LOWER_IS_BETTER
+
 DELTA_LABEL = "change vs control\n(Δ mean log-normalized expr.)"
 """Unit of every expression change in the figures: difference of mean log1p(CP10k) expression."""
 
-LOWER_IS_BETTER: frozenset[str] = frozenset({"mse", "mse_de", "frac_opposite_direction_de", "nrmse", "rank", "mmd", "energy_distance"})
 
 _OBSERVED_COLOR = "#4d4d4d"
-_BASELINE_COLORS = {"additive": "#e08214", "linear": "#8c510a", "no_change": "#bababa", "train_mean": "#878787"}
+_BASELINE_COLORS = {"additive": "#e08214", "linear": "#8c510a", "no_change": "#bababa", "train_mean": "#878787",
+                    "dominance": "#dfc27d", "saturating_additive": "#fdb863"}
 _MODEL_PALETTE = ("#1b7837", "#2166ac", "#762a83", "#b2182b", "#01665e", "#c51b7d")
 _MARKERS = ("o", "s", "D", "^", "v", "P")
 _DPI = 110
@@ -288,5 +290,46 @@ def plot_interactions(table: pd.DataFrame, score_label: str) -> Figure:
         axis.set_ylabel(f"predicted {score_label}", fontsize=8)
         axis.set_title(model, fontsize=10)
     figure.suptitle("Genetic interactions of held-out doubles: departure from additivity")
+    figure.tight_layout()
+    return figure
+
+
+def plot_benchmark(scores: pd.DataFrame, noise: pd.DataFrame, metrics: Sequence[str], models: Sequence[str]) -> Figure:
+    """Per held-out combination, grouped bars of every model and baseline, with the noise floor drawn.
+
+    Args:
+        scores: Columns model, combination, metric, mean, sd (over seeds; sd 0 or NaN for baselines).
+        noise: Noise floor per combination (index) and metric (columns), or empty.
+        metrics: One panel per metric, stacked.
+        models: Bar order within each group.
+    """
+    combinations = list(dict.fromkeys(scores["combination"]))
+    colors = model_colors(models)
+    figure = Figure(figsize=(max(6.0, 1.1 * len(combinations) * (1 + len(models) / 6)), 3.2 * len(metrics)))
+    axes = figure.subplots(len(metrics), 1, squeeze=False)[:, 0]
+    width = 0.8 / len(models)
+    for axis, metric in zip(axes, metrics):
+        selected = scores[scores["metric"] == metric].set_index(["model", "combination"])
+        for index, model in enumerate(models):
+            keys = [(model, name) for name in combinations if (model, name) in selected.index]
+            if not keys:
+                continue
+            positions = np.array([combinations.index(name) for _, name in keys]) + (index - (len(models) - 1) / 2) * width
+            means = selected.loc[keys, "mean"].to_numpy(dtype=float)
+            errors = np.nan_to_num(selected.loc[keys, "sd"].to_numpy(dtype=float))
+            axis.bar(positions, means, width=width, yerr=errors, color=colors[model], capsize=2, label=model)
+        if metric in noise.columns:
+            floor = noise[metric].reindex(combinations).to_numpy(dtype=float)
+            for position, value in enumerate(floor):
+                label = "noise floor (split halves)" if position == 0 else None
+                axis.hlines(value, position - 0.45, position + 0.45, colors="black", linestyles="--", linewidth=1.2, label=label)
+        axis.set_xticks(np.arange(len(combinations)))
+        axis.set_xticklabels(combinations, rotation=20, ha="right", fontsize=8)
+        axis.axhline(0.0, color="black", linewidth=0.6)
+        direction = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+        axis.set_ylabel(f"{metric}\n({direction})", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", ncol=min(len(labels), 5), frameon=False, fontsize=8, bbox_to_anchor=(0.5, 1.0))
+    figure.suptitle("Held-out combinations: every model beside every baseline (bars: mean over seeds; error bars: sd)", y=1.05)
     figure.tight_layout()
     return figure
