@@ -40,6 +40,11 @@ def _add_data_options(parser: argparse.ArgumentParser, positional: bool = True) 
     group.add_argument("--min-cells", type=int, default=10, help="warn for conditions with fewer cells")
     group.add_argument("--backed", action="store_true", default=None,
                        help="leave expression in the file and read it in chunks (screens larger than memory)")
+    counts = group.add_mutually_exclusive_group()
+    counts.add_argument("--counts", dest="counts", action="store_const", const=True, default=None,
+                        help="X holds raw counts (error if not non-negative integers); default: detect")
+    counts.add_argument("--log-normalized", dest="counts", action="store_const", const=False,
+                        help="X is log-normalized even if integral; use no raw counts")
 
 
 def _load_data(args: argparse.Namespace):
@@ -54,6 +59,7 @@ def _load_data(args: argparse.Namespace):
         "gene_symbol_key": args.gene_symbol_key,
         "min_cells": args.min_cells,
         "backed": args.backed,
+        "counts": args.counts,
     }
     options = {key: value for key, value in options.items() if value is not None}
     if args.data in datasets.REGISTRY and not Path(args.data).exists():

@@ -88,3 +88,22 @@ def test_train_then_predict_from_the_command_line(tmp_path, capsys):
     assert not np.array_equal(first.X, other.X)
     assert main(["predict", str(run_dir), "--conditions", "NOTAGENE", "--out", str(tmp_path / "x.h5ad")]) == 2
     assert "unknown gene" in capsys.readouterr().err
+
+
+def test_counts_flags_reach_the_loader(tmp_path, capsys):
+    from perturbedvae.cli import _load_data, build_parser
+    from tests.conftest import make_toy_adata
+
+    path = tmp_path / "shallow.h5ad"
+    adata = make_toy_adata(counts=True)
+    adata.X = np.minimum(adata.X, 19)
+    adata.write_h5ad(path)
+    split = ["split", str(path), "--scheme", "doubles", "--out", str(tmp_path / "s.json")]
+    assert not _load_data(build_parser().parse_args([*split, "--log-normalized"])).is_counts
+    assert _load_data(build_parser().parse_args([*split, "--counts"])).is_counts
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*split, "--counts", "--log-normalized"])
+    capsys.readouterr()
+    make_toy_adata().write_h5ad(path)
+    assert main([*split, "--counts"]) == 2
+    assert "X holds non-integer values" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from accelerate.state import AcceleratorState
 
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
 from perturbedvae.train import runs
-from perturbedvae.train.config import ExperimentConfig, load_config
+from perturbedvae.train.config import DataConfig, ExperimentConfig, load_config
 from perturbedvae.train.runs import RunLayout, load_run, predict_conditions, train_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,3 +184,17 @@ def test_a_full_disk_fails_before_training(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 2**20, free=2**20))
     with pytest.raises(ConfigError, match="1 MiB free"):
         train_from_config(tiny(tmp_path / "run"))
+
+
+def test_data_counts_overrides_the_detection(tmp_path: Path) -> None:
+    from tests.conftest import make_toy_adata
+
+    adata = make_toy_adata(counts=True)
+    adata.X = np.minimum(adata.X, 19)
+    adata.write_h5ad(tmp_path / "shallow.h5ad")
+    assert tiny(tmp_path / "run", "data.counts=false").data.counts is False
+    with pytest.raises(ConfigError, match="data.counts must be of type bool"):
+        tiny(tmp_path / "run", "data.counts=3")
+    assert not runs.load_data(DataConfig(path=str(tmp_path / "shallow.h5ad"), counts=False)).is_counts
+    with pytest.warns(UserWarning, match="max 19"):
+        assert runs.load_data(DataConfig(path=str(tmp_path / "shallow.h5ad"))).is_counts

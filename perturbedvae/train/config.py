@@ -45,7 +45,8 @@ class DataConfig:
     Exactly one of `path` (an .h5ad file) and `synthetic` (fields of `SimulationConfig`, simulated in
     memory at the start of the run) is set. `de_method`/`n_de_genes` pick the DE genes of the metrics.
     `backed` leaves expression in the file and reads it per batch (memory bounded by the batch, for
-    screens too large for memory; representation kinds expression and obsm).
+    screens too large for memory; representation kinds expression and obsm). `counts` overrides the
+    detection of raw counts: null detects, true requires X to be counts, false reads X as log-normalized.
     """
 
     path: str | None = None
@@ -59,6 +60,7 @@ class DataConfig:
     de_method: str = "t-test"
     n_de_genes: int = 20
     backed: bool = False
+    counts: bool | None = None
 
 
 @dataclass

@@ -121,6 +121,7 @@ def load_data(config: DataConfig) -> PerturbationData:
         gene_symbol_key=config.gene_symbol_key,
         n_top_genes=config.n_top_genes,
         backed=config.backed,
+        counts=config.counts,
     )
 
 
