@@ -135,6 +135,19 @@ def test_non_h5ad_and_corrupt_files(tmp_path, backed):
     assert corrupt.read_bytes() == b"not an hdf5 file"
 
 
+@pytest.mark.parametrize("backed", [False, True])
+def test_an_empty_file_or_a_renamed_csv_says_what_the_file_is(tmp_path, backed):
+    empty = tmp_path / "x.h5ad"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=r"x.h5ad is empty \(0 bytes\)"):
+        load_dataset(empty, backed=backed)
+    renamed = tmp_path / "table.h5ad"
+    renamed.write_text("cell,G0,G1\nc1,1,2\n")
+    with pytest.raises(DataError, match=r"table.h5ad .*looks like a text/CSV file, not HDF5 \(first line: 'cell,G0,G1'\)") as error:
+        load_dataset(renamed, backed=backed)
+    assert "signature" not in str(error.value)
+
+
 def test_file_on_disk_untouched(tmp_path, toy_adata):
     path = tmp_path / "toy.h5ad"
     toy_adata.write_h5ad(path)

@@ -193,7 +193,35 @@ def _check_h5ad_path(path: str | Path) -> Path:
             f"{path}: expected an AnnData .h5ad file; convert other formats with anndata/scanpy "
             "(e.g. sc.read_10x_h5(...).write_h5ad('data.h5ad'))"
         )
+    _check_hdf5(path)
     return path
+
+
+def _check_hdf5(path: Path) -> None:
+    """Say what a file named .h5ad is when it is not HDF5, where h5py would only say "file signature not found"."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty (0 bytes); was it copied or downloaded completely?")
+    if h5py.is_hdf5(path):
+        return
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    raise DataError(f"{path} could not be read as an AnnData .h5ad file: {_what_it_is(head)}")
+
+
+def _what_it_is(head: bytes) -> str:
+    """What the first bytes of a non-HDF5 file suggest it is, with the fix."""
+    if head.startswith(b"\x1f\x8b"):
+        return "it is gzip-compressed, not HDF5; decompress it first (gunzip)"
+    if head.startswith(b"PK\x03\x04"):
+        return "it is a zip archive, not HDF5; extract the .h5ad file from it"
+    text = head.decode("utf-8", errors="ignore")
+    if b"\x00" not in head and text and all(char.isprintable() or char.isspace() for char in text):
+        first_line = text.splitlines()[0][:60] if text.strip() else ""
+        return (
+            f"it looks like a text/CSV file, not HDF5 (first line: {first_line!r}); read it with pandas or scanpy "
+            "(e.g. sc.read_csv(path)) and save it with adata.write_h5ad(...)"
+        )
+    return f"it is not HDF5 (it starts with bytes {head[:8].hex(' ')}); the file is corrupt or of another format"
 
 
 def load_dataset(
