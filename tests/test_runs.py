@@ -75,6 +75,8 @@ def test_unknown_genes_and_malformed_conditions_are_condition_errors(run_dir: Pa
         run.predict([gene + "X"])
     with pytest.raises(ConditionError, match="malformed"):
         run.predict([f"{gene}++"])
+    with pytest.raises(ConditionError, match=rf"'{gene.lower()}': did you mean {gene}\? \(only the case differs\)"):
+        run.predict([gene.lower()])
 
 
 def test_an_existing_run_is_not_overwritten_silently(run_dir: Path, tmp_path: Path) -> None:
