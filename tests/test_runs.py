@@ -79,6 +79,21 @@ def test_unknown_genes_and_malformed_conditions_are_condition_errors(run_dir: Pa
         run.predict([gene.lower()])
 
 
+def test_a_gene_the_split_held_out_is_named_as_such(tmp_path: Path) -> None:
+    run = load_run(train_from_config(tiny(tmp_path / "gears", "split.scheme=gears", "split.params={}", "train.epochs=1",
+                                          "train.checkpoint_every=0")))
+    held_out = sorted(set(run.datamodule.data.perturbed_genes) - set(run.model.perturbation_genes))
+    assert held_out
+    gene = held_out[0]
+    roles = {role for name, role in run.split.assignments().items() if gene in name.split("+")}
+    assert roles and "train" not in roles
+    where = ", ".join(role for role in ("val", "test") if role in roles)
+    with pytest.raises(ConditionError, match=rf"^{gene} is perturbed in the data but held out of training by the split "
+                                             rf"\({where}\), so this run has no effect for it") as error:
+        run.predict([f"{run.model.perturbation_genes[0]}+{gene}"])
+    assert "close match" not in str(error.value)
+
+
 def test_an_existing_run_is_not_overwritten_silently(run_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="output.overwrite=true"):
         train_from_config(tiny(run_dir))
