@@ -2,11 +2,13 @@
 
 Every subcommand is a thin layer over library functions: parse arguments, load inputs, call, write.
 User mistakes arrive as `PerturbedVAEError` and are printed as one line without a traceback (exit 2).
+Ctrl-C is one line too (exit 130, the shell's code for an interrupt), saying how to continue a training run.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -234,6 +236,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C leaves behind: for `train`, the command that continues the run from its last checkpoint."""
+    if args.command != "train":
+        return "interrupted"
+    from perturbedvae.train.checkpoints import checkpoint_dirs
+    from perturbedvae.train.config import load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except PerturbedVAEError:
+        return "interrupted"
+    command = ["perturbedvae", "train", "--config", args.config, *args.overrides]
+    every = config.train.checkpoint_every
+    if every == 0:
+        return "interrupted; no checkpoint was saved (train.checkpoint_every is 0), so the run cannot be resumed"
+    if not checkpoint_dirs(Path(config.output.run_dir)):
+        return (f"interrupted before the first checkpoint (train.checkpoint_every {every}); start over with: "
+                f"{shlex.join([*command, 'output.overwrite=true'])}")
+    return f"interrupted; continue with: {shlex.join([*command, '--resume'])}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -241,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PerturbedVAEError as error:
         print(f"perturbedvae {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"perturbedvae {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return 130
     return 0
 
 

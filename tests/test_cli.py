@@ -107,3 +107,28 @@ def test_counts_flags_reach_the_loader(tmp_path, capsys):
     make_toy_adata().write_h5ad(path)
     assert main([*split, "--counts"]) == 2
     assert "X holds non-integer values" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("checkpoint_every", "saved", "expected"), [
+    (2, True, "interrupted; continue with: perturbedvae train --config {config} output.run_dir={run} --resume"),
+    (2, False, "interrupted before the first checkpoint (train.checkpoint_every 2); start over with: "
+               "perturbedvae train --config {config} output.run_dir={run} output.overwrite=true"),
+    (0, False, "interrupted; no checkpoint was saved (train.checkpoint_every is 0), so the run cannot be resumed"),
+])
+def test_ctrl_c_during_train_says_how_to_continue(tmp_path, capsys, monkeypatch, checkpoint_every, saved, expected):
+    from perturbedvae.train import runs
+    from tests.conftest import REPO
+
+    config, run = REPO / "configs" / "synthetic_tiny.yaml", tmp_path / "run"
+
+    def interrupted_training(*args, **kwargs):
+        if saved:
+            (run / "checkpoints" / "epoch_0002").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "train_from_config", interrupted_training)
+    argv = ["train", "--config", str(config), f"output.run_dir={run}"]
+    overrides = [] if checkpoint_every == 2 else [f"train.checkpoint_every={checkpoint_every}"]
+    assert main([*argv, *overrides]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"perturbedvae train: {expected.format(config=config, run=run)}"]
