@@ -310,8 +310,8 @@ def _load_backed(
     if source_of_counts == "layer":
         raise DataError(
             f"{source}: X is not raw counts and the counts are in layers['counts'], which backed loading does not "
-            "read; load it in memory (without backed) to use them, or pass counts=False (CLI: --log-normalized) "
-            "to use X alone, without raw counts"
+            "read; load it in memory (without backed; config data.backed=false) to use them, or pass counts=False "
+            "(CLI: --log-normalized; config data.counts=false) to use X alone, without raw counts"
         )
     is_counts = source_of_counts == "X"
     rows.normalize = is_counts
