@@ -2,11 +2,13 @@
 
 Every subcommand is a thin layer over library functions: parse arguments, load inputs, call, write.
 User mistakes arrive as `PerturbedVAEError` and are printed as one line without a traceback (exit 2).
+Ctrl-C is one line too (exit 130, the shell's code for an interrupt), saying how to continue a training run.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +42,20 @@ def _add_data_options(parser: argparse.ArgumentParser, positional: bool = True) 
     group.add_argument("--min-cells", type=int, default=10, help="warn for conditions with fewer cells")
     group.add_argument("--backed", action="store_true", default=None,
                        help="leave expression in the file and read it in chunks (screens larger than memory)")
+    counts = group.add_mutually_exclusive_group()
+    counts.add_argument("--counts", dest="counts", action="store_const", const=True, default=None,
+                        help="X holds raw counts (error if not non-negative integers); default: detect")
+    counts.add_argument("--log-normalized", dest="counts", action="store_const", const=False,
+                        help="X is log-normalized even if integral; use no raw counts")
+
+
+def _names_a_dataset(text: str) -> bool:
+    """Whether `text` is read as a dataset name: a registered one, or a bare word (no folder, no extension)
+    that is no file, so that a mistyped name is answered with the known names rather than "no such file"."""
+    from perturbedvae import datasets
+
+    path = Path(text)
+    return not path.exists() and (text in datasets.REGISTRY or (not path.suffix and path.name == text))
 
 
 def _load_data(args: argparse.Namespace):
@@ -54,9 +70,10 @@ def _load_data(args: argparse.Namespace):
         "gene_symbol_key": args.gene_symbol_key,
         "min_cells": args.min_cells,
         "backed": args.backed,
+        "counts": args.counts,
     }
     options = {key: value for key, value in options.items() if value is not None}
-    if args.data in datasets.REGISTRY and not Path(args.data).exists():
+    if _names_a_dataset(args.data):
         return datasets.load(args.data, **options)
     return load_dataset(args.data, **options)
 
@@ -244,6 +261,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C leaves behind: for `train`, the command that continues the run from its last checkpoint."""
+    if args.command != "train":
+        return "interrupted"
+    from perturbedvae.train.checkpoints import checkpoint_dirs
+    from perturbedvae.train.config import load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except PerturbedVAEError:
+        return "interrupted"
+    command = ["perturbedvae", "train", "--config", args.config, *args.overrides]
+    every = config.train.checkpoint_every
+    if every == 0:
+        return "interrupted; no checkpoint was saved (train.checkpoint_every is 0), so the run cannot be resumed"
+    if not checkpoint_dirs(Path(config.output.run_dir)):
+        return (f"interrupted before the first checkpoint (train.checkpoint_every {every}); start over with: "
+                f"{shlex.join([*command, 'output.overwrite=true'])}")
+    return f"interrupted; continue with: {shlex.join([*command, '--resume'])}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -251,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PerturbedVAEError as error:
         print(f"perturbedvae {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"perturbedvae {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return 130
     return 0
 
 

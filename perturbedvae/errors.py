@@ -1,10 +1,25 @@
 """Errors users can act on.
 
 Every error raised for bad input is a `PerturbedVAEError` whose message names the problem and the fix,
-so the CLI can print it without a traceback and tests can assert on one type.
+so the CLI can print it without a traceback and tests can assert on one type. `close_matches` and
+`differs_only_in_case` build the "did you mean" of such messages, one way everywhere.
 """
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+def close_matches(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
+    """Up to `n` choices spelled like `word`, closest first (difflib's ratio, at least 0.6)."""
+    return difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
+
+
+def differs_only_in_case(word: str, choices: Iterable[str]) -> str | None:
+    """The choice equal to `word` but for letter case (`klf1` -> `KLF1`), if exactly one is."""
+    matches = [choice for choice in choices if choice != word and choice.casefold() == word.casefold()]
+    return matches[0] if len(matches) == 1 else None
 
 
 class PerturbedVAEError(Exception):

@@ -245,3 +245,37 @@ def test_the_scale_benchmark_runs_small(tmp_path: Path) -> None:
     assert 0.05 < size["nnz_fraction"] < 0.2
     assert (tmp_path / "results.md").read_text().count("\n") == 2 + len(stages)
     assert not list(tmp_path.glob("*.h5ad"))  # screens are deleted unless --keep-files
+
+
+def _small_counts_file(path: Path, counts_layer: bool = False) -> Path:
+    """Integer counts peaking at 19 in X, or (`counts_layer`) log-normalized X with the counts in layers['counts']."""
+    adata = ad.read_h5ad(write_synthetic_screen(path.with_name("source.h5ad"), ScreenSpec(300, n_genes=40, n_perturbed_genes=3), progress=False))
+    adata.X = adata.X.minimum(19)
+    if counts_layer:
+        adata.layers["counts"] = adata.X.copy()
+        adata.X = log_normalize(adata.X)
+    adata.write_h5ad(path)
+    return path
+
+
+def test_small_integer_counts_are_counts_in_both_modes(tmp_path: Path) -> None:
+    path = _small_counts_file(tmp_path / "shallow.h5ad")
+    with pytest.warns(UserWarning, match=r"max 19"):
+        memory = load_dataset(path)
+    with pytest.warns(UserWarning, match=r"max 19"):
+        backed = load_dataset(path, backed=True)
+    assert memory.is_counts and backed.is_counts and backed.fingerprint == memory.fingerprint
+    np.testing.assert_array_equal(backed.counts.row_sums(), memory.counts.row_sums())
+    as_log = load_dataset(path, backed=True, counts=False)
+    assert not as_log.is_counts and as_log.fingerprint == load_dataset(path, counts=False).fingerprint
+
+
+def test_a_counts_layer_is_used_in_memory_and_refused_backed(tmp_path: Path) -> None:
+    path = _small_counts_file(tmp_path / "layered.h5ad", counts_layer=True)
+    memory = load_dataset(path)
+    assert memory.is_counts and memory.counts.row_sums().max() > 0
+    with pytest.raises(DataError, match=r"layers\['counts'\], which backed loading does not read.*--log-normalized"):
+        load_dataset(path, backed=True)
+    backed = load_dataset(path, backed=True, counts=False)
+    in_memory = load_dataset(path, counts=False)
+    assert not backed.is_counts and not in_memory.is_counts and backed.fingerprint == in_memory.fingerprint == memory.fingerprint

@@ -88,3 +88,47 @@ def test_train_then_predict_from_the_command_line(tmp_path, capsys):
     assert not np.array_equal(first.X, other.X)
     assert main(["predict", str(run_dir), "--conditions", "NOTAGENE", "--out", str(tmp_path / "x.h5ad")]) == 2
     assert "unknown gene" in capsys.readouterr().err
+
+
+def test_counts_flags_reach_the_loader(tmp_path, capsys):
+    from perturbedvae.cli import _load_data, build_parser
+    from tests.conftest import make_toy_adata
+
+    path = tmp_path / "shallow.h5ad"
+    adata = make_toy_adata(counts=True)
+    adata.X = np.minimum(adata.X, 19)
+    adata.write_h5ad(path)
+    split = ["split", str(path), "--scheme", "doubles", "--out", str(tmp_path / "s.json")]
+    assert not _load_data(build_parser().parse_args([*split, "--log-normalized"])).is_counts
+    assert _load_data(build_parser().parse_args([*split, "--counts"])).is_counts
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*split, "--counts", "--log-normalized"])
+    capsys.readouterr()
+    make_toy_adata().write_h5ad(path)
+    assert main([*split, "--counts"]) == 2
+    assert "X holds non-integer values" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("checkpoint_every", "saved", "expected"), [
+    (2, True, "interrupted; continue with: perturbedvae train --config {config} output.run_dir={run} --resume"),
+    (2, False, "interrupted before the first checkpoint (train.checkpoint_every 2); start over with: "
+               "perturbedvae train --config {config} output.run_dir={run} output.overwrite=true"),
+    (0, False, "interrupted; no checkpoint was saved (train.checkpoint_every is 0), so the run cannot be resumed"),
+])
+def test_ctrl_c_during_train_says_how_to_continue(tmp_path, capsys, monkeypatch, checkpoint_every, saved, expected):
+    from perturbedvae.train import runs
+    from tests.conftest import REPO
+
+    config, run = REPO / "configs" / "synthetic_tiny.yaml", tmp_path / "run"
+
+    def interrupted_training(*args, **kwargs):
+        if saved:
+            (run / "checkpoints" / "epoch_0002").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "train_from_config", interrupted_training)
+    argv = ["train", "--config", str(config), f"output.run_dir={run}"]
+    overrides = [] if checkpoint_every == 2 else [f"train.checkpoint_every={checkpoint_every}"]
+    assert main([*argv, *overrides]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"perturbedvae train: {expected.format(config=config, run=run)}"]

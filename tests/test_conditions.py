@@ -52,3 +52,10 @@ def test_unknown_gene_lists_close_matches():
     with pytest.raises(ConditionError, match="KLF1"):
         check_known_genes(["KLF2"], ["KLF1", "MAPK1"])
     check_known_genes(["KLF1"], ["KLF1"])
+
+
+def test_a_gene_that_differs_only_in_case_is_named():
+    with pytest.raises(ConditionError, match=r"'klf1': did you mean KLF1\? \(only the case differs\)"):
+        check_known_genes(["klf1"], ["KLF1", "MAPK1"])
+    with pytest.raises(ConditionError, match=r"'Mapk1': did you mean MAPK1\?"):
+        check_known_genes(["KLF1", "Mapk1"], ["KLF1", "MAPK1"])

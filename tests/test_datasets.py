@@ -60,3 +60,16 @@ def test_no_download_without_permission(monkeypatch, tmp_path):
     _register_local(monkeypatch, tmp_path, None)
     with pytest.raises(DataError, match="download=True"):
         datasets.path("local", download=False)
+
+
+def test_a_mistyped_name_gets_the_known_names_and_the_closest(capsys, tmp_path, monkeypatch):
+    with pytest.raises(DataError, match=r"unknown dataset 'norman2019_subst' \(did you mean norman2019_subset\?\); "
+                                        r"known: norman2019, norman2019_subset, papalexi2021_lowmoi"):
+        datasets.info("norman2019_subst")
+    from perturbedvae.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the bare word is no file here
+    assert main(["split", "papalexi_lowmoi", "--scheme", "doubles", "--out", "s.json"]) == 2
+    assert "did you mean papalexi2021_lowmoi?" in capsys.readouterr().err
+    assert main(["split", "missing.h5ad", "--scheme", "doubles", "--out", "s.json"]) == 2
+    assert "missing.h5ad: no such file" in capsys.readouterr().err

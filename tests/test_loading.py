@@ -1,6 +1,7 @@
 import hashlib
 import warnings
 
+import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -134,6 +135,19 @@ def test_non_h5ad_and_corrupt_files(tmp_path, backed):
     assert corrupt.read_bytes() == b"not an hdf5 file"
 
 
+@pytest.mark.parametrize("backed", [False, True])
+def test_an_empty_file_or_a_renamed_csv_says_what_the_file_is(tmp_path, backed):
+    empty = tmp_path / "x.h5ad"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=r"x.h5ad is empty \(0 bytes\)"):
+        load_dataset(empty, backed=backed)
+    renamed = tmp_path / "table.h5ad"
+    renamed.write_text("cell,G0,G1\nc1,1,2\n")
+    with pytest.raises(DataError, match=r"table.h5ad .*looks like a text/CSV file, not HDF5 \(first line: 'cell,G0,G1'\)") as error:
+        load_dataset(renamed, backed=backed)
+    assert "signature" not in str(error.value)
+
+
 def test_file_on_disk_untouched(tmp_path, toy_adata):
     path = tmp_path / "toy.h5ad"
     toy_adata.write_h5ad(path)
@@ -147,6 +161,59 @@ def test_counts_detection():
     assert not looks_like_counts(np.log1p(np.array([[0, 3, 40], [1, 0, 2]], dtype=np.float32)))
     counts = load_dataset(make_toy_adata(counts=True))
     assert counts.is_counts and counts.adata.X.max() < 20
+
+
+def _shallow_counts() -> ad.AnnData:
+    """Integer counts peaking at 19, as a shallowly sequenced screen's do."""
+    adata = make_toy_adata(counts=True)
+    adata.X = np.minimum(adata.X, 19)
+    return adata
+
+
+def test_integers_with_a_small_maximum_are_counts_and_the_loader_says_so():
+    adata = _shallow_counts()
+    assert looks_like_counts(adata.X) and looks_like_counts(sp.csr_matrix(np.array([[0, 3, 1], [1, 0, 2]], dtype=np.float32)))
+    assert not looks_like_counts(np.zeros((2, 3))) and not looks_like_counts(sp.csr_matrix((2, 3)))
+    with pytest.warns(UserWarning, match=r"non-negative integers \(max 19\): read as raw counts; pass counts=False"):
+        data = load_dataset(adata)
+    assert data.is_counts
+    np.testing.assert_array_equal(data.adata.layers[COUNTS_LAYER], adata.X)
+    np.testing.assert_allclose(np.expm1(data.adata.X).sum(1), 1e4, rtol=1e-4)
+
+
+def test_the_counts_override():
+    adata = _shallow_counts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stated choice is not second-guessed
+        as_log = load_dataset(adata, counts=False)
+        assert load_dataset(adata, counts=True).is_counts
+    assert not as_log.is_counts and as_log.counts is None
+    np.testing.assert_array_equal(as_log.adata.X, adata.X)
+    with pytest.raises(DataError, match=r"counts=True \(CLI: --counts\), but X holds non-integer values \(e.g. [0-9.]+\)"):
+        load_dataset(make_toy_adata(), counts=True)
+
+
+def test_a_counts_layer_beside_log_normalized_x_gives_the_raw_counts():
+    raw = make_toy_adata(counts=True)
+    adata = make_toy_adata()
+    adata.layers[COUNTS_LAYER] = sp.csr_matrix(raw.X.astype(np.int64))
+    data = load_dataset(adata)
+    assert data.is_counts
+    np.testing.assert_array_equal(data.adata.X, adata.X)  # X as given
+    np.testing.assert_array_equal(data.counts.row_sums(), raw.X.sum(1))
+    assert {"G0", "G1", "G2"} <= set(load_dataset(adata, n_top_genes=5).genes)  # Seurat v3 on the layer
+    ignored = load_dataset(adata, counts=False)
+    assert not ignored.is_counts and COUNTS_LAYER not in ignored.adata.layers
+
+
+@pytest.mark.parametrize(("change", "found"), [(0.5, r"non-integer values \(e.g. 0.5\)"), (-2.0, r"negative values \(min -2\)")])
+def test_a_counts_layer_that_is_not_counts_is_refused(change, found):
+    adata = make_toy_adata()
+    layer = make_toy_adata(counts=True).X
+    layer[3, 4] = change
+    adata.layers[COUNTS_LAYER] = layer
+    with pytest.raises(DataError, match=rf"layers\['counts'\] (holds|has) {found}, so it is not raw counts"):
+        load_dataset(adata)
 
 
 def test_hvg_selection_keeps_perturbed_genes():

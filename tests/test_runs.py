@@ -16,7 +16,7 @@ from accelerate.state import AcceleratorState
 
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
 from perturbedvae.train import runs
-from perturbedvae.train.config import ExperimentConfig, load_config
+from perturbedvae.train.config import DataConfig, ExperimentConfig, load_config
 from perturbedvae.train.runs import RunLayout, load_run, predict_conditions, train_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +90,23 @@ def test_unknown_genes_and_malformed_conditions_are_condition_errors(run_dir: Pa
         run.predict([gene + "X"])
     with pytest.raises(ConditionError, match="malformed"):
         run.predict([f"{gene}++"])
+    with pytest.raises(ConditionError, match=rf"'{gene.lower()}': did you mean {gene}\? \(only the case differs\)"):
+        run.predict([gene.lower()])
+
+
+def test_a_gene_the_split_held_out_is_named_as_such(tmp_path: Path) -> None:
+    run = load_run(train_from_config(tiny(tmp_path / "gears", "split.scheme=gears", "split.params={}", "train.epochs=1",
+                                          "train.checkpoint_every=0")))
+    held_out = sorted(set(run.datamodule.data.perturbed_genes) - set(run.model.perturbation_genes))
+    assert held_out
+    gene = held_out[0]
+    roles = {role for name, role in run.split.assignments().items() if gene in name.split("+")}
+    assert roles and "train" not in roles
+    where = ", ".join(role for role in ("val", "test") if role in roles)
+    with pytest.raises(ConditionError, match=rf"^{gene} is perturbed in the data but held out of training by the split "
+                                             rf"\({where}\), so this run has no effect for it") as error:
+        run.predict([f"{run.model.perturbation_genes[0]}+{gene}"])
+    assert "close match" not in str(error.value)
 
 
 def test_an_existing_run_is_not_overwritten_silently(run_dir: Path, tmp_path: Path) -> None:
@@ -199,3 +216,17 @@ def test_a_full_disk_fails_before_training(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 2**20, free=2**20))
     with pytest.raises(ConfigError, match="1 MiB free"):
         train_from_config(tiny(tmp_path / "run"))
+
+
+def test_data_counts_overrides_the_detection(tmp_path: Path) -> None:
+    from tests.conftest import make_toy_adata
+
+    adata = make_toy_adata(counts=True)
+    adata.X = np.minimum(adata.X, 19)
+    adata.write_h5ad(tmp_path / "shallow.h5ad")
+    assert tiny(tmp_path / "run", "data.counts=false").data.counts is False
+    with pytest.raises(ConfigError, match="data.counts must be of type bool"):
+        tiny(tmp_path / "run", "data.counts=3")
+    assert not runs.load_data(DataConfig(path=str(tmp_path / "shallow.h5ad"), counts=False)).is_counts
+    with pytest.warns(UserWarning, match="max 19"):
+        assert runs.load_data(DataConfig(path=str(tmp_path / "shallow.h5ad"))).is_counts

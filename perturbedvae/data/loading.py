@@ -5,6 +5,12 @@ controls, malformed conditions, NaN/inf, duplicated genes, wrong file type), det
 log-normalized data, normalizes counts the usual way (total 1e4 + log1p, raw counts kept), and can
 select highly variable genes while always keeping the measured perturbed genes.
 
+Counts are recognised by their values, not their size: X holding only non-negative integers (not all
+zero) is raw counts, whatever its maximum, because a log-normalized matrix is essentially never
+all-integer (a shallow screen's counts may peak at 19, below where any threshold on the maximum would
+put them). Otherwise, in memory, a `layers['counts']` holding counts is used as the raw counts beside X
+as given. `counts=True/False` overrides the detection.
+
 By default the expression matrix is read into memory. With `backed=True` only obs/var are: expression
 stays in the file and is read (and normalized) a batch or a chunk at a time through
 `PerturbationData.expression`, so a screen of millions of cells needs memory for its metadata only.
@@ -20,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import anndata as ad
 import h5py
@@ -35,6 +42,8 @@ CONDITION_COLUMN = "perturbedvae_condition"
 """obs column of the working copy holding each cell's canonical condition."""
 
 COUNTS_LAYER = "counts"
+CountsSource = Literal["X", "layer", "none"]
+"""Where a dataset's raw counts come from: X (normalized on load), `layers['counts']`, or nowhere."""
 _NEGATIVE_VALUES = (
     "expression has negative values: it looks scaled or centred. Give raw counts or log-normalized "
     "data (sc.pp.normalize_total + sc.pp.log1p) instead"
@@ -184,7 +193,35 @@ def _check_h5ad_path(path: str | Path) -> Path:
             f"{path}: expected an AnnData .h5ad file; convert other formats with anndata/scanpy "
             "(e.g. sc.read_10x_h5(...).write_h5ad('data.h5ad'))"
         )
+    _check_hdf5(path)
     return path
+
+
+def _check_hdf5(path: Path) -> None:
+    """Say what a file named .h5ad is when it is not HDF5, where h5py would only say "file signature not found"."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty (0 bytes); was it copied or downloaded completely?")
+    if h5py.is_hdf5(path):
+        return
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    raise DataError(f"{path} could not be read as an AnnData .h5ad file: {_what_it_is(head)}")
+
+
+def _what_it_is(head: bytes) -> str:
+    """What the first bytes of a non-HDF5 file suggest it is, with the fix."""
+    if head.startswith(b"\x1f\x8b"):
+        return "it is gzip-compressed, not HDF5; decompress it first (gunzip)"
+    if head.startswith(b"PK\x03\x04"):
+        return "it is a zip archive, not HDF5; extract the .h5ad file from it"
+    text = head.decode("utf-8", errors="ignore")
+    if b"\x00" not in head and text and all(char.isprintable() or char.isspace() for char in text):
+        first_line = text.splitlines()[0][:60] if text.strip() else ""
+        return (
+            f"it looks like a text/CSV file, not HDF5 (first line: {first_line!r}); read it with pandas or scanpy "
+            "(e.g. sc.read_csv(path)) and save it with adata.write_h5ad(...)"
+        )
+    return f"it is not HDF5 (it starts with bytes {head[:8].hex(' ')}); the file is corrupt or of another format"
 
 
 def load_dataset(
@@ -198,6 +235,7 @@ def load_dataset(
     min_cells: int = 10,
     n_top_genes: int | None = None,
     backed: bool = False,
+    counts: bool | None = None,
 ) -> PerturbationData:
     """Load, validate and normalize a perturbation dataset.
 
@@ -211,12 +249,15 @@ def load_dataset(
         min_cells: Conditions with fewer cells trigger a warning (their metrics are noisy).
         n_top_genes: Keep this many highly variable genes plus every measured perturbed gene (backed: raw counts only).
         backed: Leave expression in the file (a path, CSR or dense `X`) and read it per batch or chunk.
+        counts: None detects whether X holds raw counts (non-negative integers; else `layers['counts']`, in
+            memory); True requires X to be raw counts; False reads X as log-normalized and uses no raw counts
+            (a counts layer is ignored), even if X is integral.
 
     Raises:
         DataError, ConditionError: with a message naming the fix.
     """
     if backed:
-        return _load_backed(source, condition_key, control_labels, delimiter, obs_filter, gene_symbol_key, min_cells, n_top_genes)
+        return _load_backed(source, condition_key, control_labels, delimiter, obs_filter, gene_symbol_key, min_cells, n_top_genes, counts)
     if isinstance(source, ad.AnnData):
         adata, path = source.copy(), None
     else:
@@ -226,10 +267,9 @@ def load_dataset(
     adata = _apply_obs_filter(adata, obs_filter)
     syntax, raw_spelling = _annotate_conditions(adata, condition_key, control_labels, delimiter, gene_symbol_key, min_cells)
     adata.X = _as_float32(adata.X)
-    is_counts = _scan_values(InMemoryRows(adata.X))
-    if is_counts:
-        _normalize_counts(adata)
-    data = PerturbationData(adata, syntax, condition_key, is_counts, raw_spelling, path)
+    source_of_counts = _counts_source(_scan_expression(InMemoryRows(adata.X)), counts, COUNTS_LAYER in adata.layers)
+    _place_counts(adata, source_of_counts)
+    data = PerturbationData(adata, syntax, condition_key, source_of_counts != "none", raw_spelling, path)
     if n_top_genes is not None:
         data = select_highly_variable_genes(data, n_top_genes)
     return data
@@ -252,8 +292,13 @@ def _annotate_conditions(
 def _load_backed(
     source: str | Path | ad.AnnData, condition_key: str, control_labels: Sequence[str] | None, delimiter: str,
     obs_filter: Mapping[str, object] | None, gene_symbol_key: str | None, min_cells: int, n_top_genes: int | None,
+    counts: bool | None,
 ) -> PerturbationData:
-    """Metadata into memory, expression left in the file and checked in one chunked pass."""
+    """Metadata into memory, expression left in the file and checked in one chunked pass.
+
+    Layers are not read, so raw counts can only come from X: where the in-memory loader would take them from
+    `layers['counts']`, backed loading refuses rather than serve other data than memory would.
+    """
     if isinstance(source, ad.AnnData):
         raise DataError("backed loading reads a file; pass the .h5ad path rather than an AnnData")
     adata = _read_metadata(source)
@@ -261,7 +306,14 @@ def _load_backed(
     adata = adata[keep].copy() if not keep.all() else adata
     syntax, raw_spelling = _annotate_conditions(adata, condition_key, control_labels, delimiter, gene_symbol_key, min_cells)
     rows = BackedRows(source, cells=np.flatnonzero(keep))
-    is_counts = _scan_values(rows)
+    source_of_counts = _counts_source(_scan_expression(rows), counts, _has_counts_layer(source))
+    if source_of_counts == "layer":
+        raise DataError(
+            f"{source}: X is not raw counts and the counts are in layers['counts'], which backed loading does not "
+            "read; load it in memory (without backed; config data.backed=false) to use them, or pass counts=False "
+            "(CLI: --log-normalized; config data.counts=false) to use X alone, without raw counts"
+        )
+    is_counts = source_of_counts == "X"
     rows.normalize = is_counts
     data = PerturbationData(adata, syntax, condition_key, is_counts, raw_spelling, str(source), backed_rows=rows)
     return data if n_top_genes is None else select_highly_variable_genes(data, n_top_genes)
@@ -282,22 +334,83 @@ def _read_metadata(source: str | Path) -> ad.AnnData:
         raise _unreadable(path, error) from error
 
 
-def _scan_values(rows: ExpressionRows) -> bool:
-    """Check every value (finite, not negative) chunk by chunk; return whether they look like raw counts.
+def _has_counts_layer(path: str | Path) -> bool:
+    """Whether an .h5ad file has `layers['counts']`, looked up without reading it."""
+    with h5py.File(path, "r") as handle:
+        return "layers" in handle and COUNTS_LAYER in handle["layers"]
 
-    Counts: non-negative integers with a maximum above log-scale values (> 20). The same scan in memory and
-    backed, so both modes decide alike.
+
+def _scan_values(rows: ExpressionRows, what: str = "expression") -> ValueScan:
+    """Check every value is finite, chunk by chunk, and summarise what counts detection needs.
+
+    The same scan in memory and backed, so both modes decide alike.
     """
     from tqdm.auto import tqdm
 
-    integral, maximum, n_chunks = True, 0.0, rows.n_chunks()
-    for _, block in tqdm(rows.chunks(), desc="checking expression", total=n_chunks, unit="chunk", disable=n_chunks < 8):
-        _check_finite(block)
-        if _min_value(block) < 0:
-            raise DataError(_NEGATIVE_VALUES)
-        block_integral, block_maximum = _integral_and_max(_values(block))
-        integral, maximum = integral and block_integral, max(maximum, block_maximum)
-    return integral and maximum > _COUNTS_MINIMUM_MAX
+    scan, n_chunks = ValueScan(), rows.n_chunks()
+    for _, block in tqdm(rows.chunks(), desc=f"checking {what}", total=n_chunks, unit="chunk", disable=n_chunks < 8):
+        _check_finite(block, what)
+        scan = scan | ValueScan.of(block)
+    return scan
+
+
+def _scan_expression(rows: ExpressionRows) -> ValueScan:
+    """`_scan_values` of X, refusing negative (scaled or centred) values."""
+    scan = _scan_values(rows)
+    if scan.minimum < 0:
+        raise DataError(_NEGATIVE_VALUES)
+    return scan
+
+
+def _counts_source(scan: ValueScan, counts: bool | None, has_counts_layer: bool) -> CountsSource:
+    """Where the raw counts are: "X", "layer" (`layers['counts']`) or "none", by `counts` or by X's values."""
+    if counts is False:
+        return "none"
+    if counts is True:
+        if not scan.integral:
+            raise DataError(
+                f"counts=True (CLI: --counts), but X holds non-integer values (e.g. {scan.non_integer:g}), so it is "
+                "not raw counts; leave counts unset to detect, or put the raw counts in X"
+            )
+        return "X"
+    if scan.is_counts:
+        if scan.maximum <= _LOG_SCALE_MAX:
+            warnings.warn(
+                f"X holds non-negative integers (max {scan.maximum:g}): read as raw counts; pass counts=False "
+                "(CLI: --log-normalized) if it is not",
+                UserWarning,
+                stacklevel=3,
+            )
+        return "X"
+    return "layer" if has_counts_layer else "none"
+
+
+def _place_counts(adata: ad.AnnData, source_of_counts: CountsSource) -> None:
+    """Leave log-normalized X in `X` and the raw counts (if any) in `layers['counts']`, as the rest reads them."""
+    if source_of_counts == "X":
+        _normalize_counts(adata)  # replaces a counts layer: X's counts are the ones backed mode reads too
+    elif source_of_counts == "layer":
+        adata.layers[COUNTS_LAYER] = _checked_counts_layer(adata)
+    else:
+        adata.layers.pop(COUNTS_LAYER, None)  # unused: `counts` and gene selection must not see it
+
+
+def _checked_counts_layer(adata: ad.AnnData):
+    """`layers['counts']` as float32 (canonical CSR), or a DataError saying why it is not raw counts."""
+    layer = adata.layers[COUNTS_LAYER]
+    where = f"layers[{COUNTS_LAYER!r}]"
+    if tuple(layer.shape) != tuple(adata.shape):
+        raise DataError(f"{where} has shape {tuple(layer.shape)} but X has {tuple(adata.shape)}; it cannot be X's raw counts")
+    layer = _as_float32(layer)
+    scan = _scan_values(InMemoryRows(layer), what=where)
+    if scan.minimum < 0:
+        raise DataError(f"{where} has negative values (min {scan.minimum:g}), so it is not raw counts; remove the layer or put raw counts in it")
+    if not scan.integral:
+        raise DataError(
+            f"{where} holds non-integer values (e.g. {scan.non_integer:g}), so it is not raw counts; remove the "
+            "layer or put raw counts in it"
+        )
+    return layer
 
 
 def _apply_obs_filter(adata: ad.AnnData, obs_filter: Mapping[str, object] | None) -> ad.AnnData:
@@ -399,34 +512,55 @@ def _values(matrix) -> np.ndarray:
     return matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
 
 
-def _min_value(matrix) -> float:
-    values = _values(matrix)
-    minimum = float(values.min()) if values.size else 0.0
-    return min(minimum, 0.0) if sp.issparse(matrix) else minimum
-
-
-def _check_finite(matrix) -> None:
+def _check_finite(matrix, what: str = "expression") -> None:
     values = _values(matrix)
     bad = ~np.isfinite(values)
     if bad.any():
-        raise DataError(f"expression has {int(bad.sum())} NaN or infinite values; fix or drop those cells/genes first")
+        raise DataError(f"{what} has {int(bad.sum())} NaN or infinite values; fix or drop those cells/genes first")
 
 
-_COUNTS_MINIMUM_MAX = 20
-"""Raw counts reach values no log-normalized matrix does."""
+_LOG_SCALE_MAX = 20
+"""Counts peaking at or below this could be mistaken for log-scale values: the loader says how it read them."""
+
+
+@dataclass(frozen=True)
+class ValueScan:
+    """What counts detection needs to know of a matrix's values, combinable chunk by chunk (`|`).
+
+    Implicit zeros of a sparse matrix count as values. An empty matrix has minimum +inf and maximum -inf.
+    """
+
+    minimum: float = np.inf
+    maximum: float = -np.inf
+    non_integer: float | None = None
+    """One value with a fractional part, for messages; None when every value is an integer."""
+
+    @classmethod
+    def of(cls, matrix) -> ValueScan:
+        values = _values(matrix)
+        minimum, maximum = (float(values.min()), float(values.max())) if values.size else (np.inf, -np.inf)
+        if sp.issparse(matrix):  # implicit zeros are values too
+            minimum, maximum = min(minimum, 0.0), max(maximum, 0.0)
+        fractional = np.flatnonzero(np.mod(values, 1) != 0)
+        return cls(minimum, maximum, float(values[fractional[0]]) if fractional.size else None)
+
+    def __or__(self, other: ValueScan) -> ValueScan:
+        return ValueScan(min(self.minimum, other.minimum), max(self.maximum, other.maximum),
+                         self.non_integer if self.non_integer is not None else other.non_integer)
+
+    @property
+    def integral(self) -> bool:
+        return self.non_integer is None
+
+    @property
+    def is_counts(self) -> bool:
+        """Non-negative integers, not all zero: raw counts, whatever the maximum (log-normalized data is not integral)."""
+        return self.integral and self.minimum >= 0 and self.maximum > 0
 
 
 def looks_like_counts(matrix) -> bool:
-    """True when every value is a non-negative integer and the maximum is above log-scale values (> 20)."""
-    values = _values(matrix)
-    integral, maximum = _integral_and_max(values)
-    return bool(values.size) and _min_value(matrix) >= 0 and integral and maximum > _COUNTS_MINIMUM_MAX
-
-
-def _integral_and_max(values: np.ndarray) -> tuple[bool, float]:
-    if values.size == 0:
-        return True, 0.0
-    return bool(np.all(np.mod(values, 1) == 0)), float(values.max())
+    """True when every value is a non-negative integer and not all are zero (the loader's rule, `ValueScan.is_counts`)."""
+    return ValueScan.of(matrix).is_counts
 
 
 def _normalize_counts(adata: ad.AnnData) -> None:

@@ -14,7 +14,6 @@ current working directory, where the user launched the run. The saved `config.ya
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -24,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from perturbedvae.errors import ConfigError
+from perturbedvae.errors import ConfigError, close_matches
 from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.yaml_files import parse_value, read_yaml_mapping
 
@@ -45,7 +44,8 @@ class DataConfig:
     Exactly one of `path` (an .h5ad file) and `synthetic` (fields of `SimulationConfig`, simulated in
     memory at the start of the run) is set. `de_method`/`n_de_genes` pick the DE genes of the metrics.
     `backed` leaves expression in the file and reads it per batch (memory bounded by the batch, for
-    screens too large for memory; representation kinds expression and obsm).
+    screens too large for memory; representation kinds expression and obsm). `counts` overrides the
+    detection of raw counts: null detects, true requires X to be counts, false reads X as log-normalized.
     """
 
     path: str | None = None
@@ -59,6 +59,7 @@ class DataConfig:
     de_method: str = "t-test"
     n_de_genes: int = 20
     backed: bool = False
+    counts: bool | None = None
 
 
 @dataclass
@@ -232,7 +233,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     names = [item.name for item in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            close = close_matches(str(key), names, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
     kwargs = {}
@@ -283,7 +284,7 @@ def _complete_model_section(model: Mapping[str, Any]) -> dict[str, Any]:
         if key in DERIVED_MODEL_FIELDS:
             raise ConfigError(f"model.{key} is derived from the data; remove it from the config")
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            close = close_matches(str(key), fields, n=1)
             hint = f" (did you mean model.{close[0]}?)" if close else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key model.{key}{hint}")
     completed = {name: model.get(name, item.default) for name, item in fields.items()}

@@ -30,7 +30,7 @@ import torch
 from perturbedvae.data.conditions import check_known_genes, genes_of
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.loading import PerturbationData, load_dataset
-from perturbedvae.data.splits import Split, make_split
+from perturbedvae.data.splits import ROLES, Split, make_split
 from perturbedvae.encoders.lora import save_adapters
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
 from perturbedvae.evaluate import Evaluator, Predictions, compare, write_metrics
@@ -121,6 +121,7 @@ def load_data(config: DataConfig) -> PerturbationData:
         gene_symbol_key=config.gene_symbol_key,
         n_top_genes=config.n_top_genes,
         backed=config.backed,
+        counts=config.counts,
     )
 
 
@@ -358,8 +359,8 @@ class LoadedRun:
         Rows are named by canonical condition (`B+A` -> `A+B`, `A+ctrl` -> `A`), each once.
 
         Raises:
-            ConditionError: for a malformed condition or a gene outside the run's perturbation vocabulary
-                (close matches are listed).
+            ConditionError: for a malformed condition or a gene outside the run's perturbation vocabulary: one
+                the split held out of training is named as such, for others close matches are listed.
         """
         syntax = self.datamodule.data.syntax
         canonical = []
@@ -369,10 +370,25 @@ class LoadedRun:
             except ConditionError as error:
                 raise ConditionError(f"cannot predict {text!r}: {error}") from None
         canonical = list(dict.fromkeys(canonical))
-        wanted = sorted({gene for name in canonical for gene in genes_of(name)})
-        check_known_genes(wanted, self.model.perturbation_genes, what="perturbation vocabulary of this run (genes perturbed in its training conditions)")
+        self._check_vocabulary(sorted({gene for name in canonical for gene in genes_of(name)}))
         controls = self.datamodule.control_cells(self.config.train.n_control_cells, self.config.train.seed)
         return predict_from_controls(self.predictor, self.datamodule, canonical, controls, per_cell=per_cell, sample_seed=sample_seed)
+
+    def _check_vocabulary(self, genes: Sequence[str]) -> None:
+        """Refuse genes the head has no effect for; a gene the data perturbs is no typo, so say the split held it out."""
+        vocabulary, perturbed = set(self.model.perturbation_genes), set(self.datamodule.data.perturbed_genes)
+        held_out = [gene for gene in genes if gene not in vocabulary and gene in perturbed]
+        if held_out:
+            raise ConditionError(
+                "; ".join(self._held_out_reason(gene) for gene in held_out)
+                + ". Predict it with a run whose split trains on it"
+            )
+        check_known_genes(genes, vocabulary, what="perturbation vocabulary of this run (genes perturbed in its training conditions)")
+
+    def _held_out_reason(self, gene: str) -> str:
+        roles = {role for name, role in self.split.assignments().items() if gene in genes_of(name)}
+        where = ", ".join(role for role in ROLES if role in roles) or "in none of its conditions"
+        return f"{gene} is perturbed in the data but held out of training by the split ({where}), so this run has no effect for it"
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
