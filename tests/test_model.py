@@ -93,7 +93,7 @@ def test_shapes_for_both_likelihoods(likelihood):
 
     output = module(batch)
     assert output.loss.dim() == 0
-    assert set(output.parts) == {"reconstruction", "kl", "alignment", "sparsity", "dag"}
+    assert set(output.parts) == {"reconstruction", "counterfactual", "kl", "alignment", "sparsity", "dag"}
     assert module.predict(batch["h"][:5], batch["perturbations"][:5]).shape == (5, N_GENES)
     assert module.mask_probabilities().shape == module.effect_vectors().shape == (N_PERTURBATIONS, config.n_latent)
 

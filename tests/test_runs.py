@@ -70,6 +70,28 @@ def test_selection_on_held_out_cells(tmp_path: Path) -> None:
     assert info["n_train_cells"] == len(run.datamodule.train_cells)
 
 
+def test_mechanism_run_anchors_on_all_cells_of_training_singles_and_records_its_latent(tmp_path: Path) -> None:
+    from perturbedvae.data.conditions import CONTROL
+
+    directory = train_from_config(tiny(tmp_path / "mech", "model.composition=mechanism", "model.likelihood=gaussian",
+                                       "train.selection=held_out_cells", "train.epochs=2"))
+    info = json.loads((directory / "run_info.json").read_text())
+    latent = info["latent"]
+    assert 0.0 <= latent["mask_density"] <= 1.0 and latent["initial_mask_density"] == 1.0
+    assert 0.0 < latent["probe_chance"] < latent["probe_balanced_accuracy"] + 1.0 and 0.0 < latent["alignment_p"] <= 1.0
+    run = load_run(directory)
+    effects, data = run.model.module.effects, run.datamodule.data
+    assert len(run.datamodule.held_out_cells) > 0
+    control = data.expression[data.cell_indices(CONTROL)]
+    control = np.asarray(control.toarray() if hasattr(control, "toarray") else control).mean(0)
+    for index, gene in enumerate(run.model.perturbation_genes):
+        if gene in run.split.train:  # measured single: the anchor is its mean over all its cells, held-out ones included
+            cells = data.expression[data.cell_indices(gene)]
+            mean = np.asarray(cells.toarray() if hasattr(cells, "toarray") else cells).mean(0)
+            np.testing.assert_allclose(effects.single_prior[index].numpy(), mean - control, atol=1e-4)
+            assert bool(effects.has_prior[index])
+
+
 def test_predict_conditions_speaks_the_datas_condition_syntax(run_dir: Path) -> None:
     run = load_run(run_dir)
     a, b = run.model.perturbation_genes[:2]

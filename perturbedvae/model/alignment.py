@@ -21,21 +21,42 @@ import torch
 BANDWIDTHS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
-def gaussian_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[N, M] mixture-of-Gaussians kernel matrix between rows of `a` [N, K] and `b` [M, K]."""
+def gaussian_kernel(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """[N, M] mixture-of-Gaussians kernel matrix between rows of `a` [N, K] and `b` [M, K].
+
+    `scale` multiplies every bandwidth's square (1: the unit-scale bandwidths; see `median_scale`).
+    """
     # Expanded form rather than torch.cdist, whose gradient is NaN at zero distance (the diagonal).
-    squared = (a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2 * a @ b.T).clamp_min(0.0) / a.shape[-1]
-    return torch.stack([torch.exp(-squared / (2 * s**2)) for s in BANDWIDTHS]).mean(dim=0)
+    squared = _squared_distances(a, b) / a.shape[-1]
+    return torch.stack([torch.exp(-squared / (2 * s**2 * scale)) for s in BANDWIDTHS]).mean(dim=0)
 
 
-def gaussian_mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2 * a @ b.T).clamp_min(0.0)
+
+
+def median_scale(points: torch.Tensor) -> torch.Tensor:
+    """Median squared distance between rows of `points`, per latent dimension (detached; the median heuristic).
+
+    With it the bandwidths follow the data's own scale: a collapsed latent (norm 0.07) and a unit-scale
+    one get kernels of the same resolution, so the penalty never goes blind by being too wide.
+    """
+    squared = _squared_distances(points, points).detach() / points.shape[-1]
+    off_diagonal = squared[~torch.eye(len(points), dtype=torch.bool, device=points.device)]
+    return off_diagonal.median().clamp_min(1e-12) if off_diagonal.numel() else points.new_ones(())
+
+
+def gaussian_mmd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Biased estimate of MMD²(x, y) for samples x [N, K] and y [M, K]."""
-    return gaussian_kernel(x, x).mean() + gaussian_kernel(y, y).mean() - 2 * gaussian_kernel(x, y).mean()
+    return gaussian_kernel(x, x, scale).mean() + gaussian_kernel(y, y, scale).mean() - 2 * gaussian_kernel(x, y, scale).mean()
 
 
-def alignment_penalty(z_mean: torch.Tensor, is_control: torch.Tensor) -> torch.Tensor:
-    """MMD² between control rows and perturbed rows of `z_mean`; zero if either group is empty."""
+def alignment_penalty(z_mean: torch.Tensor, is_control: torch.Tensor, adaptive: bool = False) -> torch.Tensor:
+    """MMD² between control rows and perturbed rows of `z_mean`; zero if either group is empty.
+
+    `adaptive` scales the bandwidths by the median squared distance of all rows (`median_scale`).
+    """
     control, perturbed = z_mean[is_control], z_mean[~is_control]
     if control.shape[0] == 0 or perturbed.shape[0] == 0:
         return z_mean.sum() * 0.0
-    return gaussian_mmd(control, perturbed)
+    return gaussian_mmd(control, perturbed, median_scale(z_mean) if adaptive else 1.0)

@@ -126,6 +126,10 @@ class GaussianHead(nn.Module):
         self.mean = nn.Linear(n_hidden, n_genes)
         self.log_variance = nn.Parameter(torch.zeros(n_genes))
 
+    def clamped_log_variance(self) -> torch.Tensor:
+        """[n_genes] the per-gene log-variance in use (floored at MIN_GAUSSIAN_VARIANCE)."""
+        return self.log_variance.clamp(*_LOG_VARIANCE_RANGE)
+
     @torch.no_grad()
     def initialize_from_data(self, x: torch.Tensor) -> None:
         """Start at each gene's mean and variance of log-normalized `x` [cells, genes].
@@ -136,10 +140,11 @@ class GaussianHead(nn.Module):
         self.mean.bias.copy_(x.mean(dim=0))
         self.log_variance.copy_(torch.log(x.var(dim=0) + MIN_GAUSSIAN_VARIANCE).clamp(*_LOG_VARIANCE_RANGE))
 
-    def forward(self, hidden: torch.Tensor, library_size: torch.Tensor | None = None) -> GaussianOutput:
-        """`library_size` is ignored: log-normalized data carry no library size."""
-        log_variance = self.log_variance.clamp(*_LOG_VARIANCE_RANGE).expand(hidden.shape[0], -1)
-        return GaussianOutput(mean=self.mean(hidden), log_variance=log_variance)
+    def forward(self, hidden: torch.Tensor, library_size: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> GaussianOutput:
+        """`library_size` is ignored: log-normalized data carry no library size. `offset` adds to the mean."""
+        log_variance = self.clamped_log_variance().expand(hidden.shape[0], -1)
+        mean = self.mean(hidden)
+        return GaussianOutput(mean=mean if offset is None else mean + offset, log_variance=log_variance)
 
 
 class NegativeBinomialHead(nn.Module):
@@ -156,12 +161,16 @@ class NegativeBinomialHead(nn.Module):
         share = x.sum(dim=0) / x.sum().clamp_min(1.0)
         self.rate_logits.bias.copy_(torch.log(share + 1e-8))
 
-    def forward(self, hidden: torch.Tensor, library_size: torch.Tensor | None = None) -> NegativeBinomialOutput:
-        """Without `library_size` the cell is taken to have 1e4 counts, the normalization target."""
+    def forward(self, hidden: torch.Tensor, library_size: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> NegativeBinomialOutput:
+        """Without `library_size` the cell is taken to have 1e4 counts, the normalization target.
+
+        `offset` adds to the rate logits (a change of log expression).
+        """
         if library_size is None:
             library_size = hidden.new_full((hidden.shape[0],), NORMALIZATION_TARGET)
+        logits = self.rate_logits(hidden)
         return NegativeBinomialOutput(
-            normalized_rate=torch.softmax(self.rate_logits(hidden), dim=-1),
+            normalized_rate=torch.softmax(logits if offset is None else logits + offset, dim=-1),
             library_size=library_size.to(hidden.dtype),
             inverse_dispersion=torch.exp(self.log_inverse_dispersion).expand(hidden.shape[0], -1),
         )

@@ -88,6 +88,8 @@ class PerturbationDataModule:
         train_cells: Row numbers of the training cells.
         held_out_cells: Row numbers of cells of training conditions kept out of training to select the
             epoch (`train.selection: held_out_cells`; empty otherwise).
+        reference_controls: Training control cells added to every batch as `control_h`/`control_x` (`model.reference_controls`
+            of the mechanism design; 0 adds none, and none are added when the encoder runs in the step).
         condition_codes: Per cell, the row of `condition_multi_hot` of its condition.
         condition_multi_hot: Multi-hot of every condition of the data; a condition with a gene outside the
             vocabulary gets the control row, which never matters since only training cells are batched.
@@ -101,6 +103,7 @@ class PerturbationDataModule:
     perturbation_genes: list[str]
     train_cells: np.ndarray
     held_out_cells: np.ndarray
+    reference_controls: int = 0
 
     @classmethod
     def build(
@@ -111,6 +114,7 @@ class PerturbationDataModule:
         likelihood: str,
         held_out_fraction: float = 0.0,
         seed: int = 0,
+        reference_controls: int = 0,
     ) -> PerturbationDataModule:
         """Check the split against the data and assemble targets and the vocabulary.
 
@@ -136,13 +140,14 @@ class PerturbationDataModule:
             )
         target = counts if likelihood == "nb" else data.expression
         library_size = None if counts is None else counts.row_sums().astype(np.float32)
-        return cls(data, split, representation, target, library_size, vocabulary, train_cells, held_out_cells)
+        return cls(data, split, representation, target, library_size, vocabulary, train_cells, held_out_cells, reference_controls)
 
     def __post_init__(self) -> None:
         names = self.data.condition_names
         self.condition_codes = self.data.condition_codes.astype(np.int64)
         predictable = [name if is_predictable(name, self.perturbation_genes) else CONTROL for name in names]
         self.condition_multi_hot = multi_hot(predictable, self.perturbation_genes)
+        self._train_controls = self.train_cells[self.data.conditions[self.train_cells] == CONTROL]
 
     @property
     def n_cells(self) -> int:
@@ -159,7 +164,17 @@ class PerturbationDataModule:
         }
         if self.library_size is not None:
             batch["library_size"] = torch.from_numpy(self.library_size[rows])
+        if self.reference_controls and self.representation.inputs is None:
+            reference = self._reference_rows(rows)
+            batch["control_h"] = torch.from_numpy(_dense_rows(self.representation.matrix, reference))
+            batch["control_x"] = torch.from_numpy(_dense_rows(self.target, reference))
         return batch
+
+    def _reference_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Control cells joined to a batch: drawn from the batch's own rows, so a resumed run draws the same."""
+        rng = np.random.default_rng(zlib.crc32(rows.tobytes()))
+        n = min(self.reference_controls, len(self._train_controls))
+        return np.sort(rng.choice(self._train_controls, n, replace=False))
 
     def _representation_rows(self, rows: np.ndarray) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
         inputs = self.representation.inputs

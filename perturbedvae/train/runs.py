@@ -37,6 +37,8 @@ from perturbedvae.evaluate import Evaluator, Predictions, compare, write_metrics
 from perturbedvae.model import PerturbedVAE
 from perturbedvae.train.config import DataConfig, ExperimentConfig, SplitConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule, hold_out_cells, is_predictable
+from perturbedvae.train.diagnostics import latent_diagnostics
+from perturbedvae.train.initialization import calibrate_head, finalize_head, initialize_head
 from perturbedvae.train.predict import predict_from_controls
 from perturbedvae.train.representation import (
     ADAPTERS_DIR,
@@ -137,8 +139,10 @@ def build_datamodule(config: ExperimentConfig, data: PerturbationData, split: Sp
     held_out_fraction = config.train.held_out_fraction if config.train.selection == "held_out_cells" else 0.0
     train_cells, _ = hold_out_cells(data, split.train, held_out_fraction, config.train.seed)
     representation = build_representation(config.representation, data, train_cells, run_dir)
+    reference_controls = config.model["reference_controls"] if config.model["composition"] == "mechanism" else 0
     return PerturbationDataModule.build(
-        data, split, representation, config.model["likelihood"], held_out_fraction=held_out_fraction, seed=config.train.seed
+        data, split, representation, config.model["likelihood"], held_out_fraction=held_out_fraction, seed=config.train.seed,
+        reference_controls=reference_controls,
     )
 
 
@@ -256,15 +260,20 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
         datamodule.representation.save(layout.root)
     controls = datamodule.control_cells(config.train.n_control_cells, config.train.seed)
     validator, selection, unpredictable_val = make_validator(config, datamodule, split, controls)
-    trainer = Trainer(config, datamodule, layout.root, validator, gene_features(config, datamodule), accelerator, selection)
+    mechanism = config.model["composition"] == "mechanism"
+    initialize = (lambda head: initialize_head(head, datamodule, config.train.seed)) if mechanism else None
+    calibrate = (lambda head: calibrate_head(head, datamodule)) if mechanism else None
+    trainer = Trainer(config, datamodule, layout.root, validator, gene_features(config, datamodule), accelerator, selection,
+                      initialize, calibrate)
     result = trainer.fit(resume=resume)
     if accelerator.is_main_process:
         head = result.module.head if isinstance(result.module, EncoderWithHead) else result.module
+        finalize_head(head, datamodule)
         PerturbedVAE(head.config, head, datamodule.perturbation_genes, data.genes).save_pretrained(layout.model)
         if datamodule.representation.finetune:
             save_adapters(datamodule.representation.encoder, layout.adapters)
         test_scorer = ConditionScorer(datamodule, split.test, split.test_subgroups, config.data.de_method, config.data.n_de_genes, controls)
-        run_info = {**result.run_info, "data_fingerprint": data.fingerprint, "n_train_cells": len(datamodule.train_cells),
+        run_info = {**result.run_info, "latent": _latent_record(trainer, head, datamodule, config.train.seed, initialize), "data_fingerprint": data.fingerprint, "n_train_cells": len(datamodule.train_cells),
                     "unpredictable_val_conditions": unpredictable_val, "unpredictable_test_conditions": test_scorer.skipped}
         if test_scorer.conditions:
             summary, tidy = compare(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(result.module)})
@@ -272,6 +281,17 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
         layout.run_info.write_text(json.dumps(run_info, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return layout.root
+
+
+def _latent_record(trainer: Trainer, head, datamodule: PerturbationDataModule, seed: int, initialize) -> dict:
+    """`latent_diagnostics` of the trained head, and the alignment statistic of the head as initialised."""
+    with torch.random.fork_rng(devices=[]):
+        initial = trainer.build_module()
+        initial = initial.head if isinstance(initial, EncoderWithHead) else initial
+        if initialize is not None:
+            initialize(initial)
+    before = latent_diagnostics(initial.to(next(head.parameters()).device), datamodule, seed, probe=False)
+    return {**latent_diagnostics(head, datamodule, seed), **{f"initial_{key}": value for key, value in before.items()}}
 
 
 MIN_FREE_BYTES = 200 * 2**20

@@ -36,7 +36,7 @@ from perturbedvae.model import LossWeights, PerturbedVAEModule
 from perturbedvae.train.checkpoints import checkpoint_dirs, save_checkpoint, verify_checkpoint
 from perturbedvae.train.config import ExperimentConfig, TrainConfig
 from perturbedvae.train.datamodule import INDEX_KEY, PerturbationDataModule
-from perturbedvae.train.representation import attach_encoder
+from perturbedvae.train.representation import EncoderWithHead, attach_encoder
 
 SELECTION_METRIC = "pearson_delta_de"
 """Metric of model selection on validation conditions (`train.selection: val_conditions`), higher is better."""
@@ -144,6 +144,9 @@ class Trainer:
         gene_features: Per-perturbation-gene features for heads with `gene_feature_dim`.
         accelerator: An Accelerator made by `make_accelerator` (made here when None).
         selection: The validator's metric that picks the kept epoch, and its direction.
+        initialize: Called on a new head before training (e.g. `initialization.initialize_head`).
+        calibrate: Called on the (unwrapped) head before each validation and on the final head without
+            validation (e.g. `initialization.calibrate_head`).
     """
 
     def __init__(
@@ -155,9 +158,13 @@ class Trainer:
         gene_features: torch.Tensor | None = None,
         accelerator: Accelerator | None = None,
         selection: Selection = Selection(),
+        initialize: Callable[[PerturbedVAEModule], None] | None = None,
+        calibrate: Callable[[PerturbedVAEModule], None] | None = None,
     ) -> None:
         self.config = config
         self.selection = selection
+        self.initialize = initialize
+        self.calibrate = calibrate
         self.settings = config.train
         self.datamodule = datamodule
         self.run_dir = Path(run_dir)
@@ -192,6 +199,8 @@ class Trainer:
         settings, accelerator = self.settings, self.accelerator
         set_seed(settings.seed)
         module = self.build_module()
+        if self.initialize is not None:
+            self.initialize(module.head if isinstance(module, EncoderWithHead) else module)
         trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
         loader = self.datamodule.train_loader(settings.batch_size, settings.seed)
@@ -236,7 +245,13 @@ class Trainer:
         head = self.build_module().to(self.accelerator.device)
         if self.is_main:
             head.load_state_dict(state)
+            if progress.best_state is None:
+                self._calibrate(head)
         return head
+
+    def _calibrate(self, module: torch.nn.Module) -> None:
+        if self.calibrate is not None:
+            self.calibrate(module.head if isinstance(module, EncoderWithHead) else module)
 
     def _full_state(self, module) -> dict[str, torch.Tensor]:
         state = self.accelerator.get_state_dict(module)
@@ -320,6 +335,7 @@ class Trainer:
         metrics = None
         with _full_parameters(self.accelerator, module):
             if self.is_main:
+                self._calibrate(self.accelerator.unwrap_model(module))
                 scores = self.validator(self.accelerator.unwrap_model(module))
                 metrics = {name: float(value) for name, value in scores.items()}
         metrics = broadcast_object_list([metrics])[0] if self.accelerator.num_processes > 1 else metrics

@@ -1,0 +1,206 @@
+"""Perturbation effects through a latent causal model whose interventions change mechanisms.
+
+`composition: mechanism` of `PerturbedVAEConfig`. K latent nodes follow a linear structural causal model
+with a learned DAG A = triu(G, 1) (A[i, j]: edge i -> j). Perturbing gene g intervenes on a sparse set
+of target nodes, its mask m_g ∈ [0, 1]^K (hard-concrete, sparse prior), and at each target it shifts the
+node's noise by e_g and *replaces its mechanism*: the target stops listening to its parents (its causal
+weights are cut). A condition S (any number of genes) is the SCM solved under all its interventions:
+
+    M_S = 1 − Π_{g∈S} (1 − m_g)                 the targets of the combination
+    s_S = Σ_{g∈S} m_g ⊙ e_g                     the shifted noise
+    u_j = s_j + (1 − M_j) · Σ_{i<j} A_ij u_i     i.e. u = s (I − A ⊙ (1 − M)ᵀ-columns)⁻¹
+
+so when B targets a node downstream of A's target, B's intervention cuts what A does through it: a
+double is not the sum of its singles (dominance, masking), with no parameter beyond the graph.
+
+The latent response is decoded to genes by a linear gene-program matrix W [K, genes] followed by a
+per-gene saturation σ_g(v) = c_g · tanh(v / c_g), with c_g = κ · scale_g (scale_g: the largest observed
+single-gene change of gene g; κ > 1 one learned scalar), so two perturbations moving a gene the same
+way add less than their sum (saturation) through one parameter:
+
+    f(S) = σ(u_S W)                              the modelled change of condition S on the decoder's scale
+
+Prediction keeps what is measured: for a condition whose every gene has a measured training single
+(`set_single_priors`: the observed single-gene changes Δ_g), the change is anchored on them and the
+model supplies the departure from additivity,
+
+    shift(S) = Σ_{g∈S} Δ_g + f(S) − Σ_{g∈S} f({g}),
+
+which is exactly Δ_g for a measured single and the model's interaction for a combination. Conditions
+with an unmeasured gene use f(S) alone. Training fits f to every condition (singles teach effects,
+masks and W; combinations teach the graph and κ) and the anchored shift to combinations.
+
+Identifiability (what the argument covers): with sparse masks recovered and interventions acting on
+known targets, the latent effects e_g are identifiable up to permutation and scaling of the nodes;
+the graph is identified only through combinations whose targets are ordered in it, so with few
+training combinations A is weakly determined (its L1 penalty keeps it empty unless data ask).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perturbedvae.model.config import PerturbedVAEConfig
+from perturbedvae.model.effects import INITIAL_KEEP_PROBABILITY, PerturbationOutput
+from perturbedvae.model.masks import make_mask
+
+_MIN_SCALE = 1e-3
+MASK_LOGIT_SCALE = 10.0
+"""Mask logits are stored divided by this, so Adam (whose steps are ~lr whatever the gradient) moves them
+10× faster than other weights: at lr 1e-3 a 60-epoch Norman run (1,440 steps) moved unscaled logits from
+keep-probability 0.9 only to 0.62–0.79, leaving every mask open whatever the sparsity weight."""
+
+
+class MechanismEffects(nn.Module):
+    """Multi-hot perturbation rows [B, P] -> per-cell change on the decoder's output scale [B, n_genes]."""
+
+    def __init__(self, config: PerturbedVAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        k, p, g = config.n_latent, config.n_perturbations, config.n_genes
+        self.mask = make_mask(config.mask_kind, config.mask_temperature)
+        self.effect_table = nn.Parameter(torch.randn(p, k) * config.effect_init_std)
+        self.logit_table = nn.Parameter(torch.full((p, k), self.mask.logits_for(INITIAL_KEEP_PROBABILITY) / MASK_LOGIT_SCALE))
+        self.graph = nn.Parameter(torch.zeros(k, k))
+        self.register_buffer("strictly_upper", torch.ones(k, k).triu(diagonal=1), persistent=False)
+        self.programs = nn.Parameter(torch.randn(k, g) * 0.01)
+        self.raw_kappa = nn.Parameter(torch.tensor(_softplus_inverse(config.saturation_init - 1.0)))
+        self.register_buffer("single_prior", torch.zeros(p, g))
+        self.register_buffer("has_prior", torch.zeros(p, dtype=torch.bool))
+        self.register_buffer("gene_scale", torch.ones(g))
+
+    uses_features = False
+    """No gene-feature network: every perturbation gene has its own effect and mask (see `PerturbationEffects`)."""
+
+    # --- data-derived state ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_single_priors(self, changes: torch.Tensor, measured: torch.Tensor, initialize: bool = True) -> None:
+        """Observed single-gene changes Δ_g [P, n_genes] (decoder scale) and which genes have one [P].
+
+        With `initialize` (before training), also sets the saturation scale per gene and starts effects
+        and programs at a rank-K fit of the measured changes (SVD), so f starts near the singles and
+        training refines it; without, only the anchors change (re-measured on more cells after training).
+        """
+        changes = changes.float().to(self.single_prior.device)
+        measured = measured.bool().to(self.single_prior.device)
+        self.single_prior.copy_(changes * measured[:, None])
+        self.has_prior.copy_(measured)
+        if not initialize or not measured.any():
+            return
+        rows = changes[measured]
+        self.gene_scale.copy_(rows.abs().max(dim=0).values.clamp_min(_MIN_SCALE))
+        u, s, vh = torch.linalg.svd(rows / self.config.saturation_init, full_matrices=False)
+        k = min(self.config.n_latent, len(s))
+        root = s[:k].sqrt()
+        effects = torch.zeros_like(self.effect_table)
+        effects[measured, :k] = u[:, :k] * root
+        self.effect_table.copy_(effects + torch.randn_like(effects) * self.config.effect_init_std)
+        programs = torch.zeros_like(self.programs)
+        programs[:k] = root[:, None] * vh[:k]
+        self.programs.copy_(programs)
+
+    # --- the model ---------------------------------------------------------------------------------------
+
+    @property
+    def kappa(self) -> torch.Tensor:
+        return 1.0 + F.softplus(self.raw_kappa)
+
+    def adjacency(self) -> torch.Tensor:
+        return self.graph * self.strictly_upper
+
+    def solve(self, shift: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """u [R, K] with u_j = s_j + (1 − M_j) Σ_i A_ij u_i, for shifts s and targets M, each [R, K]."""
+        adjacency = self.adjacency().float()
+        kept = adjacency.unsqueeze(0) * (1.0 - targets.float()).unsqueeze(1)  # column j scaled by (1 − M_j)
+        identity = torch.eye(shift.shape[-1], device=shift.device)
+        u = torch.linalg.solve_triangular(
+            identity - kept, shift.float().unsqueeze(1), upper=True, left=False, unitriangular=True
+        )
+        return u.squeeze(1).to(shift.dtype)
+
+    def decode(self, u: torch.Tensor) -> torch.Tensor:
+        """σ(u W): the gene-level change of latent responses u [R, K]."""
+        scale = self.kappa * self.gene_scale
+        return scale * torch.tanh((u @ self.programs) / scale)
+
+    def forward(self, perturbations: torch.Tensor, deterministic: bool) -> MechanismOutput:
+        gene_index = perturbations.ne(0).any(dim=0).nonzero().squeeze(1)
+        if gene_index.numel() == 0:
+            return self._no_perturbation(perturbations)
+        weights = perturbations[:, gene_index]
+        effects, logits = self.effect_table[gene_index], self.mask_logits()[gene_index]
+        masks = self.mask.deterministic(logits, self.config.eval_mask) if deterministic else self.mask.sample(logits)
+        rows, inverse = torch.unique(weights, dim=0, return_inverse=True)  # few conditions per batch
+        present = rows.ne(0).to(masks.dtype)
+        targets = 1.0 - torch.exp(present @ torch.log1p(-masks.clamp(max=1.0 - 1e-6)))
+        u = self.solve(rows @ (masks * effects), targets)
+        modelled = self.decode(u)
+        singles = self.decode(self.solve(masks * effects, masks))  # [A, genes]: f({g}) of each present gene
+        anchorable = (present @ (~self.has_prior[gene_index]).to(masks.dtype) == 0) & (present.sum(dim=1) > 0)
+        anchored = rows @ self.single_prior[gene_index] + modelled - rows @ singles
+        sparsity = self.mask.kl_to_prior(logits.float(), self.config.mask_prior_prob).sum()
+        effect_prior = 0.5 * effects.float().pow(2).sum()
+        n_cells = perturbations.shape[0]
+        return MechanismOutput(
+            z_p=u[inverse],
+            shift=(rows @ (masks * effects))[inverse],
+            gene_index=gene_index,
+            masks=masks,
+            sparsity=(sparsity + effect_prior) / n_cells,
+            modelled=modelled[inverse],
+            anchored=anchored[inverse],
+            anchorable=anchorable[inverse],
+        )
+
+    def _no_perturbation(self, perturbations: torch.Tensor) -> MechanismOutput:
+        """Every cell a control: no change, no penalty."""
+        n_cells, k = perturbations.shape[0], self.config.n_latent
+        latent = self.effect_table.new_zeros(n_cells, k)
+        change = self.programs.new_zeros(n_cells, self.config.n_genes)
+        return MechanismOutput(
+            z_p=latent, shift=latent, gene_index=perturbations.new_zeros(0, dtype=torch.long), masks=latent[:0],
+            sparsity=latent.sum() * 0.0, modelled=change, anchored=change,
+            anchorable=torch.zeros(n_cells, dtype=torch.bool, device=perturbations.device),
+        )
+
+    def prediction(self, output: MechanismOutput) -> torch.Tensor:
+        """The change used for predictions: anchored where every gene has a measured single, else modelled."""
+        return torch.where(output.anchorable[:, None], output.anchored, output.modelled)
+
+    # --- views -------------------------------------------------------------------------------------------
+
+    def mask_logits(self) -> torch.Tensor:
+        return self.logit_table * MASK_LOGIT_SCALE
+
+    def keep_probabilities(self) -> torch.Tensor:
+        return self.mask.keep_probability(self.mask_logits())
+
+    def effect_vectors(self) -> torch.Tensor:
+        return self.mask.deterministic(self.mask_logits(), self.config.eval_mask) * self.effect_table
+
+    def dag_penalty(self) -> torch.Tensor:
+        return self.adjacency().abs().sum()
+
+
+class MechanismOutput(PerturbationOutput):
+    """`PerturbationOutput` plus the gene-level changes (z_p is the latent response u).
+
+    Attributes:
+        modelled: [B, genes] f(S), the model's change of each cell's condition.
+        anchored: [B, genes] Σ Δ_g + f(S) − Σ f({g}) (meaningful where `anchorable`).
+        anchorable: [B] whether every gene of the cell's condition has a measured single.
+    """
+
+    def __init__(self, z_p, shift, gene_index, masks, sparsity, modelled, anchored, anchorable) -> None:
+        super().__init__(z_p=z_p, shift=shift, gene_index=gene_index, masks=masks, sparsity=sparsity)
+        self.modelled, self.anchored, self.anchorable = modelled, anchored, anchorable
+
+
+def _softplus_inverse(value: float) -> float:
+    """x with softplus(x) = value (softplus(x) ≈ x for large x, where expm1 would overflow)."""
+    return value if value > 30.0 else math.log(math.expm1(value))

@@ -1,0 +1,53 @@
+"""What a trained head learned, in numbers a run records: invariance of z_inv and sparsity of its masks.
+
+Recorded in `run_info.json` under `latent` (and summarised by `perturbedvae benchmark`): the condition
+probe and the alignment statistic against its permutation null (`perturbedvae.evaluate.invariance`),
+on a seeded sample of training cells, and the density of the evaluation masks. The alignment statistic
+is also measured on the head as initialised, since a penalty that cannot tell the groups apart at the
+start can never act.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from perturbedvae.data.conditions import CONTROL
+from perturbedvae.evaluate.invariance import alignment_null, condition_probe
+from perturbedvae.model import PerturbedVAEModule
+from perturbedvae.train.datamodule import PerturbationDataModule
+
+DIAGNOSTIC_CELLS = 1500
+"""Training cells (seeded sample) of the diagnostics: the MMD null costs cells² per permutation."""
+MASK_ACTIVE = 0.5
+
+
+@torch.no_grad()
+def latent_diagnostics(module: PerturbedVAEModule, datamodule: PerturbationDataModule, seed: int, probe: bool = True) -> dict:
+    """{probe_balanced_accuracy, probe_chance, alignment_mmd, alignment_null_95, alignment_p, mask_density}.
+
+    Empty when the representation runs inside the step (its embeddings are not at hand here).
+    """
+    rng = np.random.default_rng(seed)
+    cells = datamodule.train_cells
+    if len(cells) > DIAGNOSTIC_CELLS:
+        cells = np.sort(rng.choice(cells, DIAGNOSTIC_CELLS, replace=False))
+    inputs = datamodule.control_inputs(cells)
+    if "h" not in inputs:
+        return {}
+    was_training = module.training
+    module.eval()
+    try:
+        device = next(module.parameters()).device
+        z = module.inference(inputs["h"].float().to(device)).qz_mean.cpu().numpy()
+        keep = module.mask_probabilities().cpu().numpy()
+    finally:
+        module.train(was_training)
+    conditions = datamodule.data.conditions[cells]
+    null = alignment_null(z, conditions == CONTROL, n_permutations=50, seed=seed)
+    result = {"alignment_mmd": null.mmd, "alignment_null_95": null.null_95, "alignment_p": null.p_value,
+              "mask_density": float((keep > MASK_ACTIVE).mean())}
+    if probe:
+        found = condition_probe(z, conditions, seed=seed)
+        result.update(probe_balanced_accuracy=found.balanced_accuracy, probe_chance=found.chance)
+    return result
