@@ -56,6 +56,8 @@ CELL_METRICS: tuple[str, ...] = ("nrmse", "mmd")
 VERDICT_METRICS: tuple[str, ...] = ("mse_de", "pearson_delta_de", "mse", "pearson_delta")
 GENERATED_SUFFIX = "[generated]"
 TIDY_COLUMNS = ["model", "combination", "seed", "metric", "value"]
+FIGURE_LEFT_OUT = ("no_change", "train_mean")
+"""Weak baselines left out of the figure (they stay in the tables): their errors dwarf the differences that matter."""
 DEFAULT_OVERRIDES = ("train.selection=held_out_cells", "train.checkpoint_every=0")
 """Applied before the user's overrides: epoch selection on held-out cells, no checkpoints."""
 
@@ -210,7 +212,8 @@ def write_benchmark(result: BenchmarkResult, protocol: str, command: str, second
     overall, per_combination = score_statistics(result.tidy, metrics)
     models = list(dict.fromkeys(result.tidy["model"]))
     figure_metrics = ("mse_de", "pearson_delta_de")
-    plots.save_figure(plots.plot_benchmark(per_combination, result.noise, figure_metrics, models), out / "benchmark.png")
+    drawn = [model for model in models if model not in FIGURE_LEFT_OUT]
+    plots.save_figure(plots.plot_benchmark(per_combination, result.noise, figure_metrics, drawn), out / "benchmark.png")
     (out / "benchmark.md").write_text(benchmark_markdown(result, protocol, command, seconds, overall, per_combination, models))
 
 

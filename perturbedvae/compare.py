@@ -288,7 +288,8 @@ def latent_views(run: LoadedRun, n_cells: int, max_programs: int, seed: int) -> 
     """Masks, effects, gene programs of active latent dimensions and per-cell latents of a trained run.
 
     A dimension's program is the mean change of decoded expression when the control cells' posterior
-    means move by one unit (one prior standard deviation) along it; the perturbations whose masks keep
+    means move by one unit (one prior standard deviation) along it (mechanism design: the decoded change
+    of a unit response of that latent node, a row of its gene programs through the saturation); the perturbations whose masks keep
     the dimension move cells along that program, scaled by their effect.
     """
     module = run.model.module.eval()
@@ -302,6 +303,11 @@ def latent_views(run: LoadedRun, n_cells: int, max_programs: int, seed: int) -> 
     base = module.generative(z, library).log_normalized().double().mean(dim=0)
     rows = []
     for k in active:
+        if module.uses_mechanisms:  # the program of node k: the decoded change of a unit response of that node
+            unit = torch.zeros(1, module.config.n_latent, device=z.device)
+            unit[0, k] = 1.0
+            rows.append(module.effects.decode(unit)[0].double().cpu().numpy())
+            continue
         shift = torch.zeros_like(z)
         shift[:, k] = 1.0
         rows.append((module.generative(z + shift, library).log_normalized().double().mean(dim=0) - base).cpu().numpy())

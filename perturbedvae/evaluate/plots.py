@@ -325,8 +325,11 @@ def plot_benchmark(scores: pd.DataFrame, noise: pd.DataFrame, metrics: Sequence[
                 axis.hlines(value, position - 0.45, position + 0.45, colors="black", linestyles="--", linewidth=1.2, label=label)
         axis.set_xticks(np.arange(len(combinations)))
         axis.set_xticklabels(combinations, rotation=20, ha="right", fontsize=8)
-        axis.axhline(0.0, color="black", linewidth=0.6)
-        direction = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+        if metric in LOWER_IS_BETTER:
+            axis.set_yscale("log")  # errors span orders of magnitude between the noise floor and weak baselines
+        else:
+            axis.axhline(0.0, color="black", linewidth=0.6)
+        direction = "lower is better, log scale" if metric in LOWER_IS_BETTER else "higher is better"
         axis.set_ylabel(f"{metric}\n({direction})", fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="upper center", ncol=min(len(labels), 5), frameon=False, fontsize=8, bbox_to_anchor=(0.5, 1.0))
