@@ -28,7 +28,7 @@ def test_baselines_command_writes_every_baseline(norman_split, tmp_path, capsys)
     out = tmp_path / "baselines"
     assert main(["baselines", "norman2019_subset", "--split", str(norman_split), "--out", str(out)]) == 0
     tidy = pd.read_csv(out / "metrics.csv")
-    assert set(tidy["model"]) == {"no_change", "train_mean", "additive", "linear"}
+    assert set(tidy["model"]) == {"no_change", "train_mean", "additive", "linear", "dominance", "saturating_additive"}
     assert {"pearson_delta_de", "mse_de", "rank", "energy_distance"} <= set(tidy["metric"])
     assert "| combo_seen2 | additive |" in capsys.readouterr().out
     results = json.loads((out / "metrics.json").read_text())
