@@ -1,8 +1,14 @@
 """The PerturbedVAE head as pure math: inference, perturbation effect, generative model and loss.
 
+`composition: latent_sum` (the first design):
+
     z_inv ~ q(z_inv | h) = N(μ(h), σ²(h))              invariant cell state, KL to N(0, I)
     z_p   = causal(Σ_g p_g m_g ⊙ e_g + pairwise)       perturbation latent (see effects.py, causal.py)
     x     ~ p(x | z_inv + z_p)                         Gaussian or negative binomial decoder
+
+`composition: mechanism`: x ~ p(x | decoder(z_inv) + shift(S)), the change of condition S from a latent
+SCM whose interventions change mechanisms, anchored on measured singles (see mechanism.py); its loss
+adds a counterfactual term on the reference control cells of the batch (`control_h`, `control_x`).
 
 The loss is the per-cell negative log-likelihood summed over genes plus weighted penalties: the KL of
 z_inv, the MMD alignment of perturbed and control z_inv (alignment.py), the masks' KL to their sparse
