@@ -126,3 +126,20 @@ def test_condition_probe_and_alignment_null():
     control = labels == 0
     assert alignment_null(separable, control, n_permutations=30).p_value < 0.05
     assert alignment_null(mixed, control, n_permutations=30).p_value > 0.05
+
+
+def test_latent_diagnostics_skip_the_probe_when_conditions_have_too_few_cells(monkeypatch):
+    """A screen with thousands of conditions puts few cells of each into the sample: no probe, no crash."""
+    from types import SimpleNamespace
+
+    from perturbedvae.train import diagnostics
+
+    n_cells = 40
+    conditions = np.array(["control"] * 10 + [f"G{i}" for i in range(30)])  # 30 conditions of one cell each
+    datamodule = SimpleNamespace(
+        train_cells=np.arange(n_cells),
+        control_inputs=lambda cells: {"h": torch.randn(len(cells), N_GENES)},
+        data=SimpleNamespace(conditions=conditions),
+    )
+    found = diagnostics.latent_diagnostics(PerturbedVAEModule(mechanism_config()), datamodule, seed=0)
+    assert "probe_balanced_accuracy" not in found and 0.0 <= found["mask_density"] <= 1.0

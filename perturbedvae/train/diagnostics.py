@@ -20,6 +20,7 @@ from perturbedvae.train.datamodule import PerturbationDataModule
 DIAGNOSTIC_CELLS = 1500
 """Training cells (seeded sample) of the diagnostics: the MMD null costs cells² per permutation."""
 MASK_ACTIVE = 0.5
+PROBE_FOLDS = 5
 
 
 @torch.no_grad()
@@ -47,7 +48,13 @@ def latent_diagnostics(module: PerturbedVAEModule, datamodule: PerturbationDataM
     null = alignment_null(z, conditions == CONTROL, n_permutations=50, seed=seed)
     result = {"alignment_mmd": null.mmd, "alignment_null_95": null.null_95, "alignment_p": null.p_value,
               "mask_density": float((keep > MASK_ACTIVE).mean())}
-    if probe:
-        found = condition_probe(z, conditions, seed=seed)
+    if probe and _probe_classes(conditions) >= 2:  # too few cells per condition in the sample: no probe
+        found = condition_probe(z, conditions, n_folds=PROBE_FOLDS, seed=seed)
         result.update(probe_balanced_accuracy=found.balanced_accuracy, probe_chance=found.chance)
     return result
+
+
+def _probe_classes(conditions: np.ndarray) -> int:
+    """Conditions with enough sampled cells to be stratified over the probe's folds."""
+    _, counts = np.unique(conditions, return_counts=True)
+    return int((counts >= PROBE_FOLDS).sum())
