@@ -43,7 +43,7 @@ from perturbedvae.evaluate import plots
 from perturbedvae.evaluate.baselines import BASELINES
 from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
 from perturbedvae.evaluate.metrics import LOWER_IS_BETTER
-from perturbedvae.evaluate.noise_floor import NOISE_FLOOR_METRICS, noise_floor
+from perturbedvae.evaluate.noise_floor import noise_floor
 from perturbedvae.evaluate.report import frame_markdown
 from perturbedvae.evaluate.verdicts import paired_verdicts
 from perturbedvae.train.config import ExperimentConfig, load_config
@@ -71,6 +71,7 @@ class BenchmarkResult:
     noise: pd.DataFrame
     timing: dict[str, dict] = field(default_factory=dict)
     out: Path | None = None
+    noise_repeats: int = 20
 
 
 def parse_model_configs(configs: Sequence[str]) -> dict[str, Path]:
@@ -149,7 +150,7 @@ def run_benchmark(
     noise = noise_floor(data, sorted(set(tidy["combination"])), de, n_repeats=noise_repeats)
     learned = [name for name in dict.fromkeys(tidy["model"]) if name not in BASELINES]
     verdicts = paired_verdicts(tidy, learned, list(BASELINES), _metrics(protocol), n_bootstrap=n_bootstrap)
-    result = BenchmarkResult(tidy, verdicts, noise, timing, out)
+    result = BenchmarkResult(tidy, verdicts, noise, timing, out, noise_repeats)
     command = " ".join(["perturbedvae benchmark", *[f"--config {item}" for item in configs], f"--protocol {protocol}",
                         "--seeds", *map(str, seeds), f"--out {out}", *overrides])
     write_benchmark(result, protocol, command, time.perf_counter() - started)
@@ -226,9 +227,9 @@ def benchmark_markdown(result: BenchmarkResult, protocol: str, command: str, sec
     lines = [
         f"# Benchmark: protocol `{protocol}`", "",
         "```bash", command, "```", "",
-        f"{len(combinations)} held-out combinations × {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
-        f"{seconds / 60:.1f} min wall. Every model and baseline trained on the same conditions in each fold; "
-        "epochs selected on held-out cells of the training conditions. Arrows: ↓ lower is better, ↑ higher.", "",
+        (f"{len(combinations)} held-out combinations × {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
+         f"{seconds / 60:.1f} min wall. Every model and baseline trained on the same conditions in each fold; "
+         "epochs selected on held-out cells of the training conditions. Arrows: ↓ lower is better, ↑ higher."), "",
         "## Mean over held-out combinations (mean ± sd over seeds)", "",
         frame_markdown(_wide(overall, profile_metrics, models, noise_means=noise.mean())), "",
     ]
@@ -247,18 +248,19 @@ def benchmark_markdown(result: BenchmarkResult, protocol: str, command: str, sec
         lines += [f"### {_arrow(metric)}", "", frame_markdown(_per_combination(per_combination, metric, models, noise)), ""]
     lines += [
         "## Paired verdicts (model − baseline per combination and seed)", "",
-        "Wins/ties/losses count (combination, seed) pairs in the metric's direction; the 95% interval of the mean "
-        "difference is a bootstrap over combinations (seeds of a combination stay together).", "",
+        ("Wins/ties/losses count (combination, seed) pairs in the metric's direction; the 95% interval of the mean "
+         "difference is a bootstrap over combinations (seeds of a combination stay together)."), "",
         frame_markdown(_verdict_table(result.verdicts)), "",
         "## What the heads learned (mean over folds and seeds)", "",
-        "Mask density: fraction of (gene, latent dimension) mask entries kept. Probe: balanced accuracy of telling "
-        "training conditions apart from z_inv (nearest class mean, 5-fold), beside chance. Alignment p: permutation "
-        "p-value of the control-vs-perturbed MMD² of z_inv (small: the penalty sees a difference), at initialisation "
-        "and after training.", "",
+        ("Mask density: fraction of (gene, latent dimension) mask entries kept. Probe: balanced accuracy of telling "
+         "training conditions apart from z_inv (nearest class mean, 5-fold), beside chance. Alignment p: permutation "
+         "p-value of the control-vs-perturbed MMD² of z_inv (small: the penalty sees a difference), at initialisation "
+         "and after training."), "",
         frame_markdown(_learned_table(result.timing), digits=3), "",
         "## Noise floor", "",
-        "What a perfect predictor of each combination's mean would still score, from 20 random halvings of its cells "
-        "(squared errors: a quarter of the half-vs-half error; correlations: the Spearman–Brown ceiling).", "",
+        (f"What a perfect predictor of each combination's mean would still score, from {result.noise_repeats} random "
+         "halvings of its cells (squared errors: a quarter of the half-vs-half error; correlations: the Spearman–Brown "
+         "ceiling)."), "",
         frame_markdown(noise.rename_axis("combination").reset_index(), digits=4), "",
         "![per-combination scores beside the baselines and the noise floor](benchmark.png)", "",
     ]

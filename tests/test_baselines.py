@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from perturbedvae.data.conditions import CONTROL
+from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.errors import SplitError
-from perturbedvae.data.de import compute_de_genes
 from perturbedvae.evaluate.baselines import (
     BASELINES,
     additive,

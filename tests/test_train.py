@@ -21,7 +21,12 @@ from perturbedvae.data.splits import make_split
 from perturbedvae.data.synthetic import SimulationConfig, simulate
 from perturbedvae.errors import CheckpointError, ConfigError, TrainingDivergedError
 from perturbedvae.train.config import ExperimentConfig, TrainConfig
-from perturbedvae.train.datamodule import EpochShuffleSampler, PerturbationDataModule, hold_out_cells, perturbation_vocabulary
+from perturbedvae.train.datamodule import (
+    EpochShuffleSampler,
+    PerturbationDataModule,
+    hold_out_cells,
+    perturbation_vocabulary,
+)
 from perturbedvae.train.representation import build_representation
 from perturbedvae.train.runs import train_from_config
 from perturbedvae.train.trainer import Selection, Trainer, make_accelerator, warmup_factor

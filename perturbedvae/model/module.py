@@ -168,7 +168,7 @@ class PerturbedVAEModule(nn.Module):
         is_control = perturbations.ne(0).sum(dim=1) == 0
         qz_mean = inference.qz_mean
         if self.uses_mechanisms:
-            reconstruction, counterfactual, qz_mean, is_control = self._mechanism_terms(batch, inference, effect, library_size)
+            reconstruction, counterfactual, qz_mean, is_control = self._mechanism_terms(batch, inference, effect, library_size, is_control)
         else:
             generative = self.generative(inference.z + effect.z_p, library_size)
             reconstruction = -generative.log_prob(x).sum(dim=-1).mean()
@@ -201,7 +201,7 @@ class PerturbedVAEModule(nn.Module):
         }
         return LossOutput(loss=total, parts={name: value.detach() for name, value in parts.items()})
 
-    def _mechanism_terms(self, batch, inference: InferenceOutput, effect, library_size):
+    def _mechanism_terms(self, batch, inference: InferenceOutput, effect, library_size, is_control: torch.Tensor):
         """Reconstruction, counterfactual term and the MMD's (z means, control flags) of the mechanism design.
 
         Every cell is reconstructed with its condition's predicted change (anchored on measured singles
@@ -221,7 +221,6 @@ class PerturbedVAEModule(nn.Module):
         if self.config.likelihood == "gaussian":
             misfit = misfit * torch.exp(-self.likelihood_head.clamped_log_variance())
         reconstruction = reconstruction + misfit.sum() / (2 * n_cells)
-        is_control = perturbations.ne(0).sum(dim=1) == 0
         qz_mean, counterfactual = inference.qz_mean, reconstruction.new_zeros(())
         control_h = batch.get("control_h")
         if control_h is not None and control_h.shape[0] > 0:

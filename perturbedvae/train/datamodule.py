@@ -91,6 +91,7 @@ class PerturbationDataModule:
         reference_controls: Training control cells added to every batch as `control_h`/`control_x` (`model.reference_controls`
             of the mechanism design; 0 adds none, and none are added when the encoder runs in the step).
         condition_codes: Per cell, the row of `condition_multi_hot` of its condition.
+        train_controls: Row numbers of the training control cells (predictions and reference controls start there).
         condition_multi_hot: Multi-hot of every condition of the data; a condition with a gene outside the
             vocabulary gets the control row, which never matters since only training cells are batched.
     """
@@ -147,7 +148,7 @@ class PerturbationDataModule:
         self.condition_codes = self.data.condition_codes.astype(np.int64)
         predictable = [name if is_predictable(name, self.perturbation_genes) else CONTROL for name in names]
         self.condition_multi_hot = multi_hot(predictable, self.perturbation_genes)
-        self._train_controls = self.train_cells[self.data.conditions[self.train_cells] == CONTROL]
+        self.train_controls = self.train_cells[self.data.conditions[self.train_cells] == CONTROL]
 
     @property
     def n_cells(self) -> int:
@@ -158,7 +159,7 @@ class PerturbationDataModule:
         rows = np.asarray(indices, dtype=np.int64)
         batch = {
             **self._representation_rows(rows),
-            "x": torch.from_numpy(_dense_rows(self.target, rows)),
+            "x": torch.from_numpy(dense_rows(self.target, rows)),
             "perturbations": torch.from_numpy(self.condition_multi_hot[self.condition_codes[rows]]),
             INDEX_KEY: torch.from_numpy(rows),
         }
@@ -166,22 +167,22 @@ class PerturbationDataModule:
             batch["library_size"] = torch.from_numpy(self.library_size[rows])
         if self.reference_controls and self.representation.inputs is None:
             reference = self._reference_rows(rows)
-            batch["control_h"] = torch.from_numpy(_dense_rows(self.representation.matrix, reference))
-            batch["control_x"] = torch.from_numpy(_dense_rows(self.target, reference))
+            batch["control_h"] = torch.from_numpy(dense_rows(self.representation.matrix, reference))
+            batch["control_x"] = torch.from_numpy(dense_rows(self.target, reference))
         return batch
 
     def _reference_rows(self, rows: np.ndarray) -> np.ndarray:
         """Control cells joined to a batch: drawn from the batch's own rows, so a resumed run draws the same."""
         rng = np.random.default_rng(zlib.crc32(rows.tobytes()))
-        n = min(self.reference_controls, len(self._train_controls))
-        return np.sort(rng.choice(self._train_controls, n, replace=False))
+        n = min(self.reference_controls, len(self.train_controls))
+        return np.sort(rng.choice(self.train_controls, n, replace=False))
 
     def _representation_rows(self, rows: np.ndarray) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
         inputs = self.representation.inputs
         if inputs is not None:
             index = torch.from_numpy(rows)
             return {ENCODER_INPUTS_KEY: {key: value[index] for key, value in inputs.items()}}
-        return {"h": torch.from_numpy(_dense_rows(self.representation.matrix, rows))}
+        return {"h": torch.from_numpy(dense_rows(self.representation.matrix, rows))}
 
     def train_loader(self, batch_size: int, seed: int) -> DataLoader:
         """Loader over training cells, reshuffled per epoch by `loader.set_epoch(epoch)`."""
@@ -194,7 +195,7 @@ class PerturbationDataModule:
 
     def control_cells(self, n_cells: int, seed: int) -> np.ndarray:
         """A fixed seeded subset (sorted) of at most `n_cells` training control cells."""
-        controls = self.train_cells[self.data.conditions[self.train_cells] == CONTROL]
+        controls = self.train_controls
         if len(controls) > n_cells:
             controls = np.sort(np.random.default_rng(seed).choice(controls, n_cells, replace=False))
         return controls
@@ -238,7 +239,8 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n_items).tolist())
 
 
-def _dense_rows(matrix: np.ndarray | ExpressionRows | CachedEmbeddings, rows: np.ndarray) -> np.ndarray:
+def dense_rows(matrix: np.ndarray | ExpressionRows | CachedEmbeddings, rows: np.ndarray) -> np.ndarray:
+    """Rows of any matrix the data module reads, dense float32 (sparse rows are densified only here)."""
     selected = matrix[rows]
     selected = selected.toarray() if sp.issparse(selected) else selected
     return np.ascontiguousarray(selected, dtype=np.float32)

@@ -14,12 +14,11 @@ enough to cost a double a third of the additive baseline's error. No cell of a h
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from perturbedvae.data.conditions import CONTROL
 from perturbedvae.model import PerturbedVAEModule
-from perturbedvae.train.datamodule import PerturbationDataModule
+from perturbedvae.train.datamodule import PerturbationDataModule, dense_rows
 
 MAX_INITIALIZATION_CELLS = 20_000
 """Training cells (a seeded sample) whose targets set the decoder biases; means converge long before."""
@@ -33,7 +32,7 @@ def initialize_head(module: PerturbedVAEModule, datamodule: PerturbationDataModu
     cells = datamodule.train_cells
     if len(cells) > MAX_INITIALIZATION_CELLS:
         cells = np.sort(rng.choice(cells, MAX_INITIALIZATION_CELLS, replace=False))
-    module.initialize_from_data(torch.from_numpy(_dense(datamodule.target[cells])))
+    module.initialize_from_data(torch.from_numpy(dense_rows(datamodule.target, cells)))
     if module.uses_mechanisms:
         changes, measured = single_changes(datamodule, module.config.likelihood)
         module.set_single_priors(torch.from_numpy(changes), torch.from_numpy(measured))
@@ -62,26 +61,22 @@ def single_changes(datamodule: PerturbationDataModule, likelihood: str, cells: n
 def _condition_mean(datamodule: PerturbationDataModule, rows: np.ndarray, likelihood: str) -> np.ndarray:
     """Mean target of `rows` on the decoder's scale (see `single_changes`)."""
     if likelihood == "gaussian":
-        return _dense(datamodule.data.expression[rows]).mean(axis=0)
-    counts = _dense(datamodule.target[rows])
+        return dense_rows(datamodule.data.expression, rows).mean(axis=0)
+    counts = dense_rows(datamodule.target, rows)
     library = datamodule.library_size[rows].astype(np.float64)
     rate = counts.sum(axis=0) / library.sum()
     return np.log(rate + _COUNT_PSEUDO / library.mean())
 
 
-def _dense(block) -> np.ndarray:
-    return np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32)
-
-
 def calibrate_head(module: PerturbedVAEModule, datamodule: PerturbationDataModule, controls: np.ndarray | None = None) -> None:
     """`calibrate_controls` on control cells (default: the training controls; mechanism design, Gaussian)."""
     if controls is None:
-        controls = datamodule.train_cells[datamodule.data.conditions[datamodule.train_cells] == CONTROL]
+        controls = datamodule.train_controls
     inputs = datamodule.control_inputs(controls)
     if "h" not in inputs:  # the encoder runs in the step: its embeddings are not at hand here
         return
     device = next(module.parameters()).device
-    module.calibrate_controls(inputs["h"].to(device), torch.from_numpy(_dense(datamodule.data.expression[controls])).to(device))
+    module.calibrate_controls(inputs["h"].to(device), torch.from_numpy(dense_rows(datamodule.data.expression, controls)).to(device))
 
 
 def finalize_head(module: PerturbedVAEModule, datamodule: PerturbationDataModule) -> None:

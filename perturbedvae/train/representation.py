@@ -213,6 +213,11 @@ class EncoderWithHead(torch.nn.Module):
         return self.head.predict(h_control, perturbations, library_size=library_size, sample=sample)
 
 
+def head_of(module: torch.nn.Module) -> PerturbedVAEModule:
+    """The PerturbedVAE head of a training module: the module itself, or the head of an `EncoderWithHead`."""
+    return module.head if isinstance(module, EncoderWithHead) else module
+
+
 def attach_encoder(representation: Representation, head: PerturbedVAEModule) -> torch.nn.Module:
     """The module that maps a batch to the loss: the head alone, or encoder + head for in-loop encoders."""
     if not representation.in_loop:

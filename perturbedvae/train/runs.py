@@ -36,16 +36,16 @@ from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
 from perturbedvae.evaluate import Evaluator, Predictions, compare, write_metrics
 from perturbedvae.model import PerturbedVAE
 from perturbedvae.train.config import DataConfig, ExperimentConfig, SplitConfig, load_config
-from perturbedvae.train.datamodule import PerturbationDataModule, hold_out_cells, is_predictable
+from perturbedvae.train.datamodule import PerturbationDataModule, dense_rows, hold_out_cells, is_predictable
 from perturbedvae.train.diagnostics import latent_diagnostics
 from perturbedvae.train.initialization import calibrate_head, finalize_head, initialize_head
 from perturbedvae.train.predict import predict_from_controls
 from perturbedvae.train.representation import (
     ADAPTERS_DIR,
     PCA_FILE,
-    EncoderWithHead,
     attach_encoder,
     build_representation,
+    head_of,
 )
 from perturbedvae.train.trainer import SELECTION_METRIC, Selection, Trainer, Validator, make_accelerator
 
@@ -211,15 +211,11 @@ class HeldOutCellScorer:
         self.conditions = sorted(set(conditions) & set(datamodule.split.train))
         self.datamodule, self.control_cells = datamodule, control_cells
         expression = datamodule.data.expression
-        self.observed = np.vstack([_dense_mean(expression[held[conditions == name]]) for name in self.conditions]) if self.conditions else None
+        self.observed = np.vstack([dense_rows(expression, held[conditions == name]).mean(axis=0, dtype=np.float64) for name in self.conditions]) if self.conditions else None
 
     def __call__(self, module: torch.nn.Module) -> dict[str, float]:
         predicted = predict_from_controls(module, self.datamodule, self.conditions, self.control_cells).means.to_numpy()
         return {HELD_OUT_METRIC: float(((predicted - self.observed) ** 2).mean())}
-
-
-def _dense_mean(block) -> np.ndarray:
-    return np.asarray(block.mean(axis=0), dtype=np.float64).ravel()
 
 
 def make_validator(config: ExperimentConfig, datamodule: PerturbationDataModule, split: Split, controls: np.ndarray) -> tuple[Validator | None, Selection, list[str]]:
@@ -267,7 +263,7 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
                       initialize, calibrate)
     result = trainer.fit(resume=resume)
     if accelerator.is_main_process:
-        head = result.module.head if isinstance(result.module, EncoderWithHead) else result.module
+        head = head_of(result.module)
         finalize_head(head, datamodule)
         PerturbedVAE(head.config, head, datamodule.perturbation_genes, data.genes).save_pretrained(layout.model)
         if datamodule.representation.finetune:
@@ -286,8 +282,7 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
 def _latent_record(trainer: Trainer, head, datamodule: PerturbationDataModule, seed: int, initialize) -> dict:
     """`latent_diagnostics` of the trained head, and the alignment statistic of the head as initialised."""
     with torch.random.fork_rng(devices=[]):
-        initial = trainer.build_module()
-        initial = initial.head if isinstance(initial, EncoderWithHead) else initial
+        initial = head_of(trainer.build_module())
         if initialize is not None:
             initialize(initial)
     before = latent_diagnostics(initial.to(next(head.parameters()).device), datamodule, seed, probe=False)

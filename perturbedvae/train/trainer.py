@@ -36,7 +36,7 @@ from perturbedvae.model import LossWeights, PerturbedVAEModule
 from perturbedvae.train.checkpoints import checkpoint_dirs, save_checkpoint, verify_checkpoint
 from perturbedvae.train.config import ExperimentConfig, TrainConfig
 from perturbedvae.train.datamodule import INDEX_KEY, PerturbationDataModule
-from perturbedvae.train.representation import EncoderWithHead, attach_encoder
+from perturbedvae.train.representation import attach_encoder, head_of
 
 SELECTION_METRIC = "pearson_delta_de"
 """Metric of model selection on validation conditions (`train.selection: val_conditions`), higher is better."""
@@ -200,7 +200,7 @@ class Trainer:
         set_seed(settings.seed)
         module = self.build_module()
         if self.initialize is not None:
-            self.initialize(module.head if isinstance(module, EncoderWithHead) else module)
+            self.initialize(head_of(module))
         trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
         loader = self.datamodule.train_loader(settings.batch_size, settings.seed)
@@ -251,7 +251,7 @@ class Trainer:
 
     def _calibrate(self, module: torch.nn.Module) -> None:
         if self.calibrate is not None:
-            self.calibrate(module.head if isinstance(module, EncoderWithHead) else module)
+            self.calibrate(head_of(module))
 
     def _full_state(self, module) -> dict[str, torch.Tensor]:
         state = self.accelerator.get_state_dict(module)
