@@ -12,6 +12,8 @@ from perturbedvae.errors import DataError
 from perturbedvae.evaluate.identifiability import (
     UNMATCHED,
     chance_mcc,
+    dimension_scales,
+    graph_recovery_f1,
     identifiability_report,
     mask_recovery_f1,
     mean_correlation_coefficient,
@@ -162,3 +164,60 @@ def test_report_rejects_misaligned_estimates(ground_truth):
         identifiability_report(ground_truth, frame, frame)
     with pytest.raises(DataError, match="no 'masks'"):
         identifiability_report({"perturbations": ["A"], "effects": [[1.0]]}, np.ones((1, 1)), np.ones((1, 1)))
+
+
+def _chain_truth() -> tuple[np.ndarray, np.ndarray]:
+    """Effects of 30 perturbations on 4 nodes and the DAG 0 -> 1 -> 3, 0 -> 2."""
+    rng = np.random.default_rng(7)
+    _, effects = _sparse_truth(rng, 30, 4)
+    graph = np.zeros((4, 4))
+    graph[0, 1], graph[1, 3], graph[0, 2] = 0.8, -0.6, 0.5
+    return effects, graph
+
+
+def _relabelled(effects, graph, order, scales):
+    """The same model with its nodes permuted (true node k -> estimated node order[k]) and rescaled."""
+    estimated_effects = np.empty_like(effects)
+    estimated_effects[:, order] = effects * scales
+    estimated_graph = np.zeros_like(graph)
+    estimated_graph[np.ix_(order, order)] = graph * scales[None, :] / scales[:, None]
+    return estimated_effects, estimated_graph
+
+
+def test_edge_f1_is_one_for_a_permuted_rescaled_copy_of_the_graph():
+    effects, graph = _chain_truth()
+    order, scales = np.array([2, 0, 3, 1]), np.array([3.0, -0.5, 2.0, 0.25])
+    estimated_effects, estimated_graph = _relabelled(effects, graph, order, scales)
+    mcc, matching = mean_correlation_coefficient(effects, estimated_effects)
+    assert mcc == pytest.approx(1.0)
+    np.testing.assert_allclose(dimension_scales(effects, estimated_effects, matching), scales)
+    result = graph_recovery_f1(graph, estimated_graph, matching, dimension_scales(effects, estimated_effects, matching))
+    assert result == {"edge_f1": pytest.approx(1.0), "n_true_edges": 3, "n_estimated_edges": 3}
+
+
+def test_edge_f1_counts_reversed_missing_and_extra_edges():
+    effects, graph = _chain_truth()
+    matching, scales = np.arange(4), np.ones(4)
+    reversed_edge = graph.copy()
+    reversed_edge[0, 1], reversed_edge[1, 0] = 0.0, 0.8  # one miss and one false alarm, 2 hits
+    assert graph_recovery_f1(graph, reversed_edge, matching, scales)["edge_f1"] == pytest.approx(4 / 6)
+    weak = graph.copy()
+    weak[0, 3] = 0.1  # below the threshold: not an edge
+    assert graph_recovery_f1(graph, weak, matching, scales)["edge_f1"] == pytest.approx(1.0)
+    # A weight that is small in the estimate's units can be large in the truth's: scales matter.
+    assert graph_recovery_f1(graph, weak, matching, np.array([4.0, 1.0, 1.0, 1.0]))["n_estimated_edges"] == 4
+    assert graph_recovery_f1(np.zeros((4, 4)), np.zeros((4, 4)), matching, scales)["edge_f1"] == 1.0
+    with pytest.raises(DataError, match="square"):
+        graph_recovery_f1(graph, np.zeros((4, 3)), matching, scales)
+
+
+def test_report_scores_the_graph_of_a_simulated_graph_screen():
+    config = SimulationConfig(n_genes=40, n_latent=5, n_perturbations=30, n_combinations=10, cells_per_condition=2,
+                              n_control_cells=5, mask_prob=0.3, composition="graph", edge_prob=0.5)
+    truth = simulate(config).uns[GROUND_TRUTH_KEY]
+    noise_shifts = truth["masks"] * truth["effects"]
+    report = identifiability_report(truth, noise_shifts, truth["masks"].astype(float), estimated_graph=truth["graph"])
+    assert report["edge_f1"] == pytest.approx(1.0) and report["n_true_edges"] == int((truth["graph"] != 0).sum()) > 0
+    empty = identifiability_report(truth, noise_shifts, truth["masks"].astype(float), estimated_graph=np.zeros((5, 5)))
+    assert empty["edge_f1"] == 0.0
+    assert "edge_f1" not in identifiability_report(truth, noise_shifts, truth["masks"].astype(float))

@@ -10,6 +10,16 @@ works should recover it:
     z = z_inv + sum of shift(g) over the perturbed genes g (+ an interaction term for combinations)
     counts ~ NB(library_size * softmax(decoder(z)), inverse dispersion)
 
+With `composition="graph"` the latent nodes instead follow a linear structural causal model with a
+random DAG A (A[i, j]: edge i -> j, i < j) whose interventions change mechanisms, the story of the
+`mechanism` composition of the head: a condition S targets the nodes M_S = OR of its genes' masks,
+shifts their noise by s_S = sum of m_g * e_g, and cuts their incoming edges, so
+
+    u_j = s_j + (1 - M_j) * sum_i A[i, j] u_i        z = z_inv + u
+
+A single's shift then also moves the nodes downstream of its targets, and a combination differs from
+the sum of its singles wherever one gene's target sits downstream of the other's (its edge is cut).
+
 The decoder is a fixed random one-hidden-layer MLP, so expression depends nonlinearly on the latent.
 Each part of the truth (mechanisms, decoder, design, cells) draws from its own seeded stream, so e.g.
 asking for more cells keeps the same masks, effects and decoder.
@@ -34,6 +44,9 @@ LIBRARY_SIZE_LOG_SD = 0.3
 
 LEAKY_RELU_SLOPE = 0.2
 
+COMPOSITIONS = ("additive", "graph")
+"""How conditions combine their genes' shifts in the true latent space (see the module docstring)."""
+
 GROUND_TRUTH_KEY = "ground_truth"
 """uns key of the simulated truth: perturbations, masks, effects, interactions and the config."""
 
@@ -53,7 +66,12 @@ class SimulationConfig:
             at least one, so 0 means exactly one.
         effect_scale: Standard deviation of a perturbation's shift along a dimension it moves.
         interaction_strength: Scale of a fixed sparse non-additive shift added to each combination;
-            0 makes every combination exactly the sum of its singles in latent space.
+            0 makes every combination exactly the sum of its singles in latent space (composition
+            "additive"), or exactly the SCM's answer (composition "graph").
+        composition: "additive" (shifts add) or "graph" (a latent SCM with interventions that cut
+            the targets' incoming edges; see the module docstring).
+        edge_prob: Probability of each edge i -> j (i < j) of the true DAG (composition "graph").
+        edge_weight: Edge weights are ±U(0.5, 1.0) times this (composition "graph").
         decoder_hidden: Hidden units of the random nonlinear decoder.
         library_size_mean: Mean of the log-normal total counts per cell.
         dispersion: Negative-binomial inverse dispersion (larger is closer to Poisson).
@@ -72,6 +90,9 @@ class SimulationConfig:
     decoder_hidden: int = 64
     library_size_mean: float = 2000.0
     dispersion: float = 5.0
+    composition: str = "additive"
+    edge_prob: float = 0.3
+    edge_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,12 +100,15 @@ class SimulationConfig:
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("n_combinations", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
-        for name in ("effect_scale", "library_size_mean", "dispersion"):
+        for name in ("effect_scale", "library_size_mean", "dispersion", "edge_weight"):
             _check_float(name, getattr(self, name), positive=True)
         _check_float("interaction_strength", self.interaction_strength, positive=False)
-        _check_float("mask_prob", self.mask_prob, positive=False)
-        if self.mask_prob > 1:
-            raise ConfigError(f"mask_prob is a probability; got {self.mask_prob}, give a value in [0, 1]")
+        for name in ("mask_prob", "edge_prob"):
+            _check_float(name, getattr(self, name), positive=False)
+            if getattr(self, name) > 1:
+                raise ConfigError(f"{name} is a probability; got {getattr(self, name)}, give a value in [0, 1]")
+        if self.composition not in COMPOSITIONS:
+            raise ConfigError(f"composition must be one of {', '.join(COMPOSITIONS)}; got {self.composition!r}")
         if self.n_perturbations > self.n_genes:
             raise ConfigError(
                 f"n_perturbations ({self.n_perturbations}) > n_genes ({self.n_genes}): perturbed genes are "
@@ -121,30 +145,47 @@ class _Mechanisms:
     masks: np.ndarray  # [P, K] int
     effects: np.ndarray  # [P, K] float, the shift along a dimension if masked in
     combinations: list[tuple[int, int]]
-    interaction_shifts: np.ndarray  # [C, K]
+    interaction_shifts: np.ndarray  # [C, K] added to a combination on top of its composed shift
+    graph: np.ndarray  # [K, K] strictly upper-triangular DAG of composition "graph"; zeros for "additive"
     hidden_weights: np.ndarray  # [K, H]
     hidden_bias: np.ndarray  # [H]
     output_weights: np.ndarray  # [H, G]
     gene_baseline: np.ndarray  # [G] log relative abundance
 
     @property
-    def single_shifts(self) -> np.ndarray:
+    def noise_shifts(self) -> np.ndarray:
+        """[P, K] m_g * e_g: what each gene does at its targets, before any propagation."""
         return self.masks * self.effects
 
     def combination_name(self, index: int) -> str:
         first, second = self.combinations[index]
         return canonical_name([self.perturbations[first], self.perturbations[second]])
 
+    def composed_shift(self, genes: tuple[int, ...]) -> np.ndarray:
+        """Latent shift u of the condition perturbing `genes`: the SCM solved under their interventions."""
+        shift = self.noise_shifts[list(genes)].sum(axis=0)
+        targets = self.masks[list(genes)].max(axis=0)
+        response = np.zeros_like(shift)
+        for node in range(len(shift)):  # nodes are in topological order (the graph is upper-triangular)
+            response[node] = shift[node] + (1 - targets[node]) * self.graph[:node, node] @ response[:node]
+        return response
+
     def condition_shifts(self) -> dict[str, np.ndarray]:
         """Latent shift of every condition: control, singles, then combinations."""
         latent = self.masks.shape[1]
         shifts = {CONTROL: np.zeros(latent)}
-        shifts.update(zip(self.perturbations, self.single_shifts))
-        for index, (first, second) in enumerate(self.combinations):
-            shifts[self.combination_name(index)] = (
-                self.single_shifts[first] + self.single_shifts[second] + self.interaction_shifts[index]
-            )
+        shifts.update((name, self.composed_shift((index,))) for index, name in enumerate(self.perturbations))
+        for index, pair in enumerate(self.combinations):
+            shifts[self.combination_name(index)] = self.composed_shift(pair) + self.interaction_shifts[index]
         return shifts
+
+    def non_additive_shifts(self) -> np.ndarray:
+        """[C, K] each combination's shift minus the sum of its singles' shifts."""
+        shifts = self.condition_shifts()
+        return np.array([
+            shifts[self.combination_name(index)] - shifts[self.perturbations[first]] - shifts[self.perturbations[second]]
+            for index, (first, second) in enumerate(self.combinations)
+        ]).reshape(len(self.combinations), self.masks.shape[1])
 
     def expression_fractions(self, latent: np.ndarray) -> np.ndarray:
         """Decode latent states [N, K] into per-gene expression fractions [N, G] (rows sum to 1)."""
@@ -173,6 +214,12 @@ def _draw_mechanisms(config: SimulationConfig, streams: list[np.random.Generator
     interaction_masks = design_rng.random((config.n_combinations, latent)) < config.mask_prob
     interaction_draws = design_rng.normal(0.0, config.effect_scale, size=(config.n_combinations, latent))
 
+    graph = np.zeros((latent, latent))
+    if config.composition == "graph":
+        edges = np.triu(design_rng.random((latent, latent)) < config.edge_prob, k=1)
+        weights = design_rng.uniform(0.5, 1.0, size=(latent, latent)) * design_rng.choice([-1.0, 1.0], size=(latent, latent))
+        graph = edges * weights * config.edge_weight
+
     hidden = config.decoder_hidden
     return _Mechanisms(
         genes=genes,
@@ -181,6 +228,7 @@ def _draw_mechanisms(config: SimulationConfig, streams: list[np.random.Generator
         effects=effects,
         combinations=[pairs[index] for index in chosen],
         interaction_shifts=config.interaction_strength * interaction_masks * interaction_draws,
+        graph=graph,
         hidden_weights=decoder_rng.normal(0.0, 1.0 / np.sqrt(latent), size=(latent, hidden)),
         hidden_bias=decoder_rng.normal(0.0, 0.5, size=hidden),
         output_weights=decoder_rng.normal(0.0, 1.0 / np.sqrt(hidden), size=(hidden, config.n_genes)),
@@ -202,8 +250,10 @@ def simulate(config: SimulationConfig) -> ad.AnnData:
         (`control`, `GENE003`, `GENE003+GENE007`), `obsm['z_inv']` the invariant latent state,
         `obsm['z']` the perturbed latent the counts were decoded from, `var['perturbed']`, and
         `uns['ground_truth']` with `perturbations` (names), `masks` and `effects` ([P, K]; the true
-        shift of perturbation p is masks[p] * effects[p]), `interactions` (`combinations` names and
-        their non-additive `shifts` [C, K]) and `config`.
+        noise shift of perturbation p is masks[p] * effects[p]; with composition "additive" that is
+        its latent shift), `graph` ([K, K] true DAG, zeros for "additive"), `interactions`
+        (`combinations` names and their non-additive `shifts` [C, K]: combination minus the sum of its
+        singles in latent space) and `config`.
     """
     if not isinstance(config, SimulationConfig):
         raise ConfigError(f"simulate expects a SimulationConfig, got {type(config).__name__}")
@@ -237,9 +287,10 @@ def simulate(config: SimulationConfig) -> ad.AnnData:
         "perturbations": list(truth.perturbations),
         "masks": truth.masks,
         "effects": truth.effects,
+        "graph": truth.graph,
         "interactions": {
             "combinations": [truth.combination_name(index) for index in range(len(truth.combinations))],
-            "shifts": truth.interaction_shifts,
+            "shifts": truth.non_additive_shifts(),
         },
         "config": asdict(config),
     }

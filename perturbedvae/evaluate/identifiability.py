@@ -5,7 +5,9 @@ rescaling (including a sign flip), so estimated dimensions are first matched to 
 the nonlinear-ICA literature (mean correlation coefficient, MCC), a true dimension is summarised by its
 shifts across the P perturbations, and dimensions are matched one-to-one by the Hungarian algorithm on
 the absolute Pearson correlation of those columns. Mask recovery is then scored as F1 over the
-(perturbation, dimension) entries a perturbation truly moves, in the matched dimensions.
+(perturbation, dimension) entries a perturbation truly moves, in the matched dimensions. On a screen
+simulated with a true latent graph, the learned DAG is scored the same way: each learned edge is carried
+to the matched true dimensions, rescaled to their units, and edge recovery is the F1 over directed pairs.
 """
 
 from __future__ import annotations
@@ -119,6 +121,69 @@ def mask_recovery_f1(
     return 2 * true_positives / (2 * true_positives + errors)
 
 
+EDGE_THRESHOLD = 0.25
+"""|weight| (in the true dimensions' units) at or above which an edge counts as present; the simulator's
+true edges have |weight| ≥ 0.5 × `edge_weight`."""
+
+
+def dimension_scales(true: np.ndarray, estimated: np.ndarray, matching: np.ndarray) -> np.ndarray:
+    """Least-squares factor a_k with estimated[:, matching[k]] ≈ a_k · true[:, k] (signed; NaN if unmatched).
+
+    Learned dimensions are the true ones only up to scale and sign; an edge weight between two of them
+    is in their units, so comparing it with the true weight needs these factors.
+    """
+    scales = np.full(true.shape[1], np.nan)
+    for dim, match in enumerate(matching):
+        column = true[:, dim]
+        if match != UNMATCHED and column @ column > 0:
+            scales[dim] = float(column @ estimated[:, match] / (column @ column))
+    return scales
+
+
+def graph_recovery_f1(
+    true_graph: np.ndarray, estimated_graph: np.ndarray, matching: np.ndarray, scales: np.ndarray,
+    threshold: float = EDGE_THRESHOLD,
+) -> dict[str, float]:
+    """F1 of the directed edges of a learned latent DAG against the true one.
+
+    Args:
+        true_graph: [K_true, K_true] true adjacency (A[i, j]: edge i -> j).
+        estimated_graph: [K_est, K_est] learned adjacency in the same convention.
+        matching: Estimated dimension of each true dimension (`mean_correlation_coefficient`).
+        scales: `dimension_scales` of the matched dimensions.
+        threshold: |weight| in true units at or above which an edge counts as present.
+
+    An edge i -> j of the truth is recovered when the learned edge matching(i) -> matching(j), divided by
+    scale_j / scale_i (u_est = scale · u_true, so A_est = A_true · scale_j / scale_i), reaches the
+    threshold; a reversed edge is a miss plus a false alarm. Pairs touching an unmatched dimension count
+    their true edges as misses. Returns `edge_f1` (1.0 when neither graph has an edge), and the counts.
+    """
+    true_graph = _as_matrix(true_graph, "true graph")
+    estimated_graph = _as_matrix(estimated_graph, "estimated graph")
+    matching = np.asarray(matching, dtype=np.int64)
+    k = true_graph.shape[0]
+    if true_graph.shape != (k, k) or estimated_graph.shape[0] != estimated_graph.shape[1] or matching.shape != (k,):
+        raise DataError(
+            f"graphs must be square with one matching entry per true dimension: true {true_graph.shape}, "
+            f"estimated {estimated_graph.shape}, matching {matching.shape}"
+        )
+    matched = (matching != UNMATCHED) & np.isfinite(scales) & (np.abs(scales) > 0)
+    in_true_units = np.zeros_like(true_graph)
+    index = np.flatnonzero(matched)
+    block = estimated_graph[np.ix_(matching[index], matching[index])]
+    in_true_units[np.ix_(index, index)] = block * scales[index][:, None] / scales[index][None, :]
+    off_diagonal = ~np.eye(k, dtype=bool)
+    true_edges = (np.abs(true_graph) > 0) & off_diagonal
+    found = (np.abs(in_true_units) >= threshold) & off_diagonal
+    hits = int((true_edges & found).sum())
+    errors = int((true_edges ^ found).sum())
+    return {
+        "edge_f1": 1.0 if hits + errors == 0 else 2 * hits / (2 * hits + errors),
+        "n_true_edges": int(true_edges.sum()),
+        "n_estimated_edges": int(found.sum()),
+    }
+
+
 def chance_mcc(true: np.ndarray, estimated: np.ndarray, permutations: int = CHANCE_PERMUTATIONS, seed: int = 0) -> float:
     """MCC expected by chance: the mean MCC after shuffling which perturbation each estimated row belongs to.
 
@@ -148,7 +213,8 @@ def _aligned(values: object, perturbations: Sequence[str], what: str) -> np.ndar
 
 
 def identifiability_report(
-    ground_truth: Mapping[str, object], estimated_effects: object, estimated_mask_probs: object, threshold: float = 0.5
+    ground_truth: Mapping[str, object], estimated_effects: object, estimated_mask_probs: object, threshold: float = 0.5,
+    estimated_graph: object | None = None,
 ) -> dict[str, object]:
     """MCC and mask F1 of a model's per-perturbation latent shifts against simulated ground truth.
 
@@ -159,6 +225,8 @@ def identifiability_report(
             effect, e.g. m * e), rows in ground-truth order, or a DataFrame indexed by gene name.
         estimated_mask_probs: [P, K_est] mask probabilities, aligned the same way.
         threshold: Mask probability counted as active.
+        estimated_graph: [K_est, K_est] learned latent DAG; with it (and a truth that has a `graph`),
+            the report adds `edge_f1`, `n_true_edges` and `n_estimated_edges` (see `graph_recovery_f1`).
 
     Returns:
         `mcc`, `mcc_chance` (see `chance_mcc`), `mask_f1`, `matching` (estimated dim of each true dim, -1 if none), `per_dim_correlation`
@@ -177,6 +245,10 @@ def identifiability_report(
     mcc, matching = mean_correlation_coefficient(true_shifts, effects)
     correlation = _abs_column_correlation(true_shifts, effects)
     per_dim = [float(correlation[dim, match]) if match != UNMATCHED else float("nan") for dim, match in enumerate(matching)]
+    graph = {}
+    if estimated_graph is not None and "graph" in ground_truth:
+        scales = dimension_scales(true_shifts, effects, matching)
+        graph = graph_recovery_f1(ground_truth["graph"], estimated_graph, matching, scales)
     return {
         "mcc": mcc,
         "mcc_chance": chance_mcc(true_shifts, effects),
@@ -186,4 +258,5 @@ def identifiability_report(
         "n_perturbations": len(perturbations),
         "n_latent_true": true_shifts.shape[1],
         "n_latent_estimated": effects.shape[1],
+        **graph,
     }
