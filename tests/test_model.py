@@ -11,7 +11,7 @@ from perturbedvae.data.conditions import CONTROL
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.errors import ConfigError, DataError
 from perturbedvae.model import LossWeights, PerturbedVAEConfig, PerturbedVAEModule
-from perturbedvae.model.alignment import alignment_penalty, gaussian_mmd
+from perturbedvae.model.alignment import alignment_penalty, condition_alignment_penalty, gaussian_kernel, gaussian_mmd, median_scale
 from perturbedvae.model.likelihoods import NORMALIZATION_TARGET, NegativeBinomialOutput
 from tests.conftest import PAPALEXI_PATH
 
@@ -283,6 +283,40 @@ def test_alignment_penalty_needs_both_groups():
     only_controls.backward()  # still part of the graph, so DDP sees every parameter used
     mixed = alignment_penalty(z + torch.arange(10.0).unsqueeze(1), torch.arange(10) < 5)
     assert mixed > 0
+
+
+def _unbiased_mmd(x: torch.Tensor, y: torch.Tensor, scale) -> torch.Tensor:
+    def mean_off_diagonal(kernel):
+        return (kernel.sum() - kernel.diagonal().sum()) / (len(kernel) * (len(kernel) - 1))
+    return mean_off_diagonal(gaussian_kernel(x, x, scale)) + mean_off_diagonal(gaussian_kernel(y, y, scale)) - 2 * gaussian_kernel(x, y, scale).mean()
+
+
+def test_condition_alignment_sees_conditions_that_split_the_control_cloud():
+    """Two conditions each holding one half of the control distribution: pooled they look like controls."""
+    generator = torch.Generator().manual_seed(3)
+    control, perturbed = torch.randn(200, 4, generator=generator), torch.randn(200, 4, generator=generator)
+    z = torch.cat([control, perturbed])
+    is_control = torch.arange(400) < 200
+    halves = torch.cat([torch.zeros(200, dtype=torch.long), (perturbed[:, 0] > 0).long() + 1])
+    same = torch.cat([torch.zeros(200, dtype=torch.long), torch.arange(200) % 2 + 1])  # labels unrelated to z
+    pooled = alignment_penalty(z, is_control, adaptive=True)
+    split = condition_alignment_penalty(z, is_control, halves)
+    assert split > 5 * pooled.abs() and split > 10 * condition_alignment_penalty(z, is_control, same).abs()
+    # Equal to the cell-weighted mean of each condition's unbiased MMD², computed directly.
+    scale = median_scale(z)
+    sizes = [int((halves[200:] == label).sum()) for label in (1, 2)]
+    direct = sum(n * _unbiased_mmd(perturbed[halves[200:] == label], control, scale) for n, label in zip(sizes, (1, 2))) / 200
+    torch.testing.assert_close(split, direct, rtol=1e-4, atol=1e-6)
+
+
+def test_condition_alignment_skips_single_cell_conditions_and_keeps_the_graph():
+    z = torch.randn(6, 3, requires_grad=True)
+    is_control = torch.tensor([True, True, True, False, False, False])
+    penalty = condition_alignment_penalty(z, is_control, torch.tensor([0, 0, 0, 1, 2, 3]))
+    assert penalty.item() == 0.0
+    penalty.backward()
+    module = PerturbedVAEModule(tiny_config(alignment="mmd_per_condition"))
+    assert torch.isfinite(module.loss(synthetic_batch("gaussian")).parts["alignment"])
 
 
 def test_loss_alignment_part_depends_on_batch_composition():

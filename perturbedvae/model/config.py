@@ -19,7 +19,7 @@ from perturbedvae.errors import ConfigError
 from perturbedvae.model.likelihoods import LIKELIHOOD_HEADS
 from perturbedvae.model.masks import EVAL_MASK_MODES, MASK_FAMILIES
 
-ALIGNMENTS = ("mmd", "none")
+ALIGNMENTS = ("mmd", "mmd_per_condition", "none")
 COMPOSITIONS = ("latent_sum", "mechanism")
 
 
@@ -41,7 +41,9 @@ class PerturbedVAEConfig:
         causal_layer: Mix the perturbation shift through a learned sparse DAG (see `causal.py`).
         gene_feature_dim: Width of per-gene perturbation features; when set, effects and mask logits are
             a function of the features, so genes never perturbed in training get an effect.
-        alignment: "mmd" aligns z_inv of perturbed cells with controls; "none" switches it off.
+        alignment: "mmd" aligns z_inv of perturbed cells (pooled) with controls; "mmd_per_condition" aligns
+            each condition's cells with the controls (see `alignment.condition_alignment_penalty`);
+            "none" switches it off.
         mask_kind: "hard_concrete" (Louizos et al. 2018) or "gumbel" (straight-through relaxed Bernoulli).
         eval_mask: Deterministic mask used outside training: "threshold" (1 where keep-probability > 0.5)
             or "expected" (the keep-probability itself, i.e. the expected effect).

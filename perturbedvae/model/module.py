@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from perturbedvae.errors import ConfigError, DataError
-from perturbedvae.model.alignment import alignment_penalty
+from perturbedvae.model.alignment import alignment_penalty, condition_alignment_penalty
 from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.model.effects import PerturbationEffects, PerturbationOutput
 from perturbedvae.model.layers import mlp
@@ -179,6 +179,10 @@ class PerturbedVAEModule(nn.Module):
         kl = _standard_normal_kl(inference.qz_mean.float(), qz_logvar).sum(dim=-1).mean()
         if self.config.alignment == "mmd":
             alignment = alignment_penalty(qz_mean, is_control=is_control, adaptive=self.uses_mechanisms)
+        elif self.config.alignment == "mmd_per_condition":
+            _, condition = torch.unique(perturbations, dim=0, return_inverse=True)
+            condition = torch.cat([condition, condition.new_zeros(len(qz_mean) - len(condition))])  # + reference controls
+            alignment = condition_alignment_penalty(qz_mean, is_control, condition)
         else:
             alignment = kl.new_zeros(())
         sparsity = effect.sparsity
