@@ -8,7 +8,7 @@ import torch
 
 from perturbedvae.evaluate.invariance import alignment_null, condition_probe
 from perturbedvae.model import PerturbedVAE, PerturbedVAEModule
-from perturbedvae.model.mechanism import MechanismEffects
+from perturbedvae.model.mechanism import MechanismEffects, varimax_rotation
 from tests.test_model import N_GENES, N_PERTURBATIONS, multi_hot, synthetic_batch, tiny_config
 
 
@@ -66,6 +66,21 @@ def test_saturation_makes_same_direction_changes_add_less():
     single_0, single_1, double = effects(multi_hot((0,), (1,), (0, 1)), deterministic=True).modelled
     assert (double < single_0 + single_1 - 0.1).all()
     assert (double > torch.maximum(single_0, single_1)).all()
+
+
+def test_varimax_turns_a_rotated_sparse_loading_matrix_back_to_sparse():
+    generator = torch.Generator().manual_seed(2)
+    sparse = torch.zeros(60, 4)
+    sparse[torch.arange(60), torch.arange(60) % 4] = 1.0 + torch.rand(60, generator=generator)  # one node each
+    rotation, _ = torch.linalg.qr(torch.randn(4, 4, generator=generator))
+    mixed = sparse @ rotation
+    found = varimax_rotation(mixed)
+    torch.testing.assert_close(found.T @ found, torch.eye(4), atol=1e-5, rtol=0)
+    recovered = mixed @ found
+    # Up to permutation and sign, each row loads on one node again.
+    dominant = recovered.abs().max(dim=1).values / recovered.abs().sum(dim=1)
+    assert dominant.min() > 0.99 and mixed.abs().max(dim=1).values.div(mixed.abs().sum(dim=1)).mean() < 0.8
+    torch.testing.assert_close(recovered @ found.T, mixed, atol=1e-5, rtol=0)  # the product is unchanged
 
 
 def test_predictions_are_anchored_on_measured_singles():
