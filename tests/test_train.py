@@ -29,7 +29,7 @@ from perturbedvae.train.datamodule import (
 )
 from perturbedvae.train.representation import build_representation
 from perturbedvae.train.runs import train_from_config
-from perturbedvae.train.trainer import Selection, Trainer, make_accelerator, warmup_factor
+from perturbedvae.train.trainer import Selection, Trainer, make_accelerator, thread_share, warmup_factor
 
 REPO = Path(__file__).resolve().parents[1]
 SIMULATION = {"n_genes": 40, "n_latent": 4, "n_perturbations": 6, "n_combinations": 8, "cells_per_condition": 15, "n_control_cells": 60}
@@ -156,6 +156,7 @@ def test_bf16_and_gradient_accumulation_train(datamodule, tmp_path: Path) -> Non
     result = Trainer(config, datamodule, tmp_path).fit()
     assert result.run_info["mixed_precision"] == "bf16" and result.run_info["gradient_accumulation_steps"] == 2
     assert np.isfinite(json.loads((tmp_path / "log.jsonl").read_text())["loss"])
+    assert result.run_info["train_cpu_seconds"] > 0 and result.run_info["train_cells_per_cpu_second"] > 0
 
 
 def _comparable_log(run_dir: Path) -> list[dict]:
@@ -258,3 +259,10 @@ def test_fsdp_without_a_gpu_is_refused_with_the_cpu_alternative(monkeypatch) -> 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="cpu_2proc.yaml"):
         make_accelerator(TrainConfig())
+
+
+def test_cpu_threads_are_the_idle_usable_cores_shared_among_local_processes() -> None:
+    assert thread_share(usable_cores=16, load_average=0.2, local_processes=1) == 16
+    assert thread_share(usable_cores=16, load_average=4.4, local_processes=2) == 6
+    assert thread_share(usable_cores=2, load_average=5.7, local_processes=1) == 1  # other jobs hold every core
+    assert thread_share(usable_cores=2, load_average=0.0, local_processes=4) == 1
