@@ -65,7 +65,7 @@ def negative_binomial_cell_log_prob(
     entries), and evaluated densely the lgamma and digamma calls alone were half the CPU time of a
     training step (issue 14).
     """
-    log_theta_mu = torch.log(inverse_dispersion + mean + _EPS)
+    log_theta_mu = torch.log(mean + (inverse_dispersion + _EPS))  # ε joins the [genes] vector: one pass less over [B, genes]
     zero_count_part = (inverse_dispersion * torch.log(inverse_dispersion + _EPS)).sum() - (log_theta_mu * inverse_dispersion).sum(dim=-1)
     cells, genes = x.nonzero(as_tuple=True)
     counts, theta = x[cells, genes], inverse_dispersion[genes]

@@ -140,6 +140,21 @@ def thread_share(usable_cores: int, load_average: float, local_processes: int) -
     return max(1, min(usable_cores, idle) // max(1, local_processes))
 
 
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+"""Devices with a fused AdamW kernel in torch (2.4 and later)."""
+
+
+def make_optimizer(parameters: list[torch.nn.Parameter], settings: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, as one fused kernel where torch has one for their device.
+
+    The same update as the per-parameter loop (equal within float rounding; tested): on the issue-14
+    benchmark the loop's ~10 small ops per parameter tensor cost 5.8 CPU-ms of a ~60 ms step, the fused
+    kernel 2.2.
+    """
+    fused = all(parameter.is_floating_point() and parameter.device.type in _FUSED_ADAMW_DEVICES for parameter in parameters)
+    return torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused or None)
+
+
 def warmup_factor(epoch: int, warmup_epochs: int) -> float:
     """Linear warm-up: 0 at epoch 0, 1 from epoch `warmup_epochs` on (always 1 without warm-up)."""
     return 1.0 if warmup_epochs <= 0 else min(1.0, epoch / warmup_epochs)
@@ -215,7 +230,7 @@ class Trainer:
         if self.initialize is not None:
             self.initialize(head_of(module))
         trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+        optimizer = make_optimizer(trainable, settings)
         loader = self.datamodule.train_loader(settings.batch_size, settings.seed)
         module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
         progress = TrainingProgress()
