@@ -299,10 +299,3 @@ def _read_ranges(datasets: tuple[h5py.Dataset, ...], starts: np.ndarray, stops: 
     for dataset, out in zip(datasets, outs):
         dataset.id.read(memory_space, file_space, out)
     return outs
-    file_space = dataset.id.get_space()
-    file_space.select_none()
-    for start, stop in zip(starts.tolist(), stops.tolist()):
-        if stop > start:
-            file_space.select_hyperslab((start,), (stop - start,), op=h5py.h5s.SELECT_OR)
-    dataset.id.read(h5py.h5s.create_simple((len(out),)), file_space, out)
-    return out
