@@ -11,7 +11,14 @@ from perturbedvae.data.conditions import CONTROL
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.errors import ConfigError, DataError
 from perturbedvae.model import LossWeights, PerturbedVAEConfig, PerturbedVAEModule
-from perturbedvae.model.alignment import alignment_penalty, condition_alignment_penalty, gaussian_kernel, gaussian_mmd, median_scale
+from perturbedvae.model.alignment import (
+    BANDWIDTHS,
+    alignment_penalty,
+    condition_alignment_penalty,
+    gaussian_kernel,
+    gaussian_mmd,
+    median_scale,
+)
 from perturbedvae.model.likelihoods import NORMALIZATION_TARGET, NegativeBinomialOutput
 from tests.conftest import PAPALEXI_PATH
 
@@ -274,6 +281,29 @@ def test_alignment_is_zero_for_identical_groups_and_grows_with_shift():
     assert near < 0.05
     assert shifted > 5 * near
     assert far > shifted
+
+
+def test_alignment_equals_the_mmd_written_from_its_definition_with_its_gradient():
+    """The batched kernel is the same MMD² as the formula of alignment.py's docstring (issue 14)."""
+    generator = torch.Generator().manual_seed(1)
+    points = (torch.randn(90, 6, generator=generator) * 0.7).requires_grad_()
+    reference_points = points.detach().clone().requires_grad_()
+    is_control = torch.arange(90) % 7 == 0
+
+    def definition(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        squared = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1) / a.shape[-1]
+        return torch.stack([torch.exp(-squared / (2 * s**2 * scale)) for s in BANDWIDTHS]).mean(dim=0).mean()
+
+    for adaptive in (False, True):
+        scale = median_scale(reference_points) if adaptive else torch.tensor(1.0)
+        control, perturbed = reference_points[is_control], reference_points[~is_control]
+        expected = definition(control, control, scale) + definition(perturbed, perturbed, scale) - 2 * definition(control, perturbed, scale)
+        actual = alignment_penalty(points, is_control, adaptive=adaptive)
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
+        actual.backward()
+        expected.backward()
+        torch.testing.assert_close(points.grad, reference_points.grad, rtol=1e-3, atol=1e-6)
+        points.grad, reference_points.grad = None, None
 
 
 def test_alignment_penalty_needs_both_groups():

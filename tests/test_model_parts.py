@@ -15,6 +15,7 @@ from perturbedvae.model.likelihoods import (
     GaussianHead,
     NegativeBinomialHead,
     gaussian_log_prob,
+    negative_binomial_cell_log_prob,
     negative_binomial_log_prob,
 )
 from perturbedvae.model.masks import GumbelBernoulliMask, HardConcreteMask, make_mask
@@ -92,6 +93,31 @@ def test_negative_binomial_log_prob_matches_torch_distributions():
     # torch parameterises NB by failures r = θ and success probability μ / (μ + θ).
     reference = torch.distributions.NegativeBinomial(total_count=theta, logits=torch.log(mean) - torch.log(theta))
     torch.testing.assert_close(negative_binomial_log_prob(counts, mean, theta), reference.log_prob(counts), rtol=1e-4, atol=1e-4)
+
+
+def test_cell_log_prob_on_non_zero_counts_equals_the_dense_sum_and_its_gradients():
+    """The sparse evaluation of the gamma terms is the same function: values and gradients (issue 14)."""
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.poisson(torch.rand(64, 300, generator=generator) * 3.0) * (torch.rand(64, 300, generator=generator) < 0.2)
+    counts[5] = 0.0  # a cell without any count
+    leaves = [torch.rand(64, 300, generator=generator).mul(20).add(0.1), torch.rand(300, generator=generator).mul(5).add(0.05)]
+    sparse_leaves = [leaf.clone().requires_grad_() for leaf in leaves]
+    dense_leaves = [leaf.clone().requires_grad_() for leaf in leaves]
+    sparse = negative_binomial_cell_log_prob(counts, *sparse_leaves)
+    dense = negative_binomial_log_prob(counts, dense_leaves[0], dense_leaves[1].expand(64, -1)).sum(dim=-1)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-3)
+    sparse.sum().backward()
+    dense.sum().backward()
+    for fast, reference in zip(sparse_leaves, dense_leaves):
+        torch.testing.assert_close(fast.grad, reference.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_likelihood_outputs_score_cells_as_the_sum_of_their_genes():
+    torch.manual_seed(0)
+    hidden, counts = torch.randn(8, 16), torch.poisson(torch.rand(8, 40) * 4)
+    for head in (NegativeBinomialHead(16, 40), GaussianHead(16, 40)):
+        output = head(hidden, counts.sum(dim=1))
+        torch.testing.assert_close(output.cell_log_prob(counts), output.log_prob(counts).sum(dim=-1), rtol=1e-5, atol=1e-4)
 
 
 def test_gaussian_log_prob_matches_torch_distributions():

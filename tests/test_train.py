@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ from perturbedvae.train.datamodule import (
 )
 from perturbedvae.train.representation import build_representation
 from perturbedvae.train.runs import train_from_config
-from perturbedvae.train.trainer import Selection, Trainer, make_accelerator, warmup_factor
+from perturbedvae.train.trainer import Selection, Trainer, make_accelerator, make_optimizer, thread_share, warmup_factor
 
 REPO = Path(__file__).resolve().parents[1]
 SIMULATION = {"n_genes": 40, "n_latent": 4, "n_perturbations": 6, "n_combinations": 8, "cells_per_condition": 15, "n_control_cells": 60}
@@ -156,6 +157,7 @@ def test_bf16_and_gradient_accumulation_train(datamodule, tmp_path: Path) -> Non
     result = Trainer(config, datamodule, tmp_path).fit()
     assert result.run_info["mixed_precision"] == "bf16" and result.run_info["gradient_accumulation_steps"] == 2
     assert np.isfinite(json.loads((tmp_path / "log.jsonl").read_text())["loss"])
+    assert result.run_info["train_cpu_seconds"] > 0 and result.run_info["train_cells_per_cpu_second"] > 0
 
 
 def _comparable_log(run_dir: Path) -> list[dict]:
@@ -258,3 +260,28 @@ def test_fsdp_without_a_gpu_is_refused_with_the_cpu_alternative(monkeypatch) -> 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="cpu_2proc.yaml"):
         make_accelerator(TrainConfig())
+
+
+def test_cpu_threads_are_the_idle_usable_cores_shared_among_local_processes() -> None:
+    assert thread_share(usable_cores=16, load_average=0.2, local_processes=1) == 16
+    assert thread_share(usable_cores=16, load_average=4.4, local_processes=2) == 6
+    assert thread_share(usable_cores=2, load_average=5.7, local_processes=1) == 1  # other jobs hold every core
+    assert thread_share(usable_cores=2, load_average=0.0, local_processes=4) == 1
+
+
+def test_the_fused_optimizer_makes_the_same_updates_as_the_loop() -> None:
+    torch.manual_seed(0)
+    fused_net = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
+    loop_net = copy.deepcopy(fused_net)
+    settings = TrainConfig(lr=3e-3, weight_decay=0.01)
+    fused = make_optimizer(list(fused_net.parameters()), settings)
+    loop = torch.optim.AdamW(loop_net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    assert fused.defaults["fused"]
+    for _ in range(5):
+        x = torch.randn(32, 20)
+        for net, optimizer in ((fused_net, fused), (loop_net, loop)):
+            net(x).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for fused_weight, loop_weight in zip(fused_net.parameters(), loop_net.parameters()):
+        torch.testing.assert_close(fused_weight, loop_weight, rtol=1e-5, atol=1e-6)

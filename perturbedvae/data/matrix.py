@@ -271,8 +271,7 @@ class BackedRows(ExpressionRows):
         if not self._sparse:
             return np.asarray(node[rows], dtype=np.float32)
         starts, stops = self._indptr[rows], self._indptr[rows + 1]
-        data = _read_ranges(node["data"], starts, stops, np.float32)
-        indices = _read_ranges(node["indices"], starts, stops, np.int32)
+        data, indices = _read_ranges((node["data"], node["indices"]), starts, stops, (np.float32, np.int32))
         indptr = np.concatenate([[0], np.cumsum(stops - starts)])
         return canonical_csr(sp.csr_matrix((data, indices, indptr), shape=(len(rows), self._file_shape[1])))
 
@@ -282,15 +281,21 @@ _ROWS_PER_READ = 512
 per-call overhead dominates), but building the selection grows faster than linearly beyond a few hundred."""
 
 
-def _read_ranges(dataset: h5py.Dataset, starts: np.ndarray, stops: np.ndarray, dtype) -> np.ndarray:
-    """Concatenated dataset[start:stop] for ascending, non-overlapping ranges, in one HDF5 read."""
-    out = np.empty(int((stops - starts).sum()), dtype=dtype)
-    if len(out) == 0:
-        return out
-    file_space = dataset.id.get_space()
+def _read_ranges(datasets: tuple[h5py.Dataset, ...], starts: np.ndarray, stops: np.ndarray, dtypes: tuple) -> list[np.ndarray]:
+    """Concatenated dataset[start:stop] of each dataset for ascending, non-overlapping ranges, one HDF5 read each.
+
+    The datasets have the same length (CSR data and indices), so one selection serves all: building it
+    (a hyperslab per range, in Python) cost as much as the reads, and a backed training batch read it twice.
+    """
+    outs = [np.empty(int((stops - starts).sum()), dtype=dtype) for dtype in dtypes]
+    if len(outs[0]) == 0:
+        return outs
+    file_space = datasets[0].id.get_space()
     file_space.select_none()
     for start, stop in zip(starts.tolist(), stops.tolist()):
         if stop > start:
             file_space.select_hyperslab((start,), (stop - start,), op=h5py.h5s.SELECT_OR)
-    dataset.id.read(h5py.h5s.create_simple((len(out),)), file_space, out)
-    return out
+    memory_space = h5py.h5s.create_simple((len(outs[0]),))
+    for dataset, out in zip(datasets, outs):
+        dataset.id.read(memory_space, file_space, out)
+    return outs

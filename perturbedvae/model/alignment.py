@@ -35,7 +35,13 @@ def gaussian_kernel(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | floa
     """
     # Expanded form rather than torch.cdist, whose gradient is NaN at zero distance (the diagonal).
     squared = _squared_distances(a, b) / a.shape[-1]
-    return torch.stack([torch.exp(-squared / (2 * s**2 * scale)) for s in BANDWIDTHS]).mean(dim=0)
+    # A running sum of exp(squared · c_s) with c_s = −1 / (2 s² scale): one multiply and one exp per bandwidth
+    # instead of a negation, a division, a stack and a mean; the MMD was a fifth of a training step (issue 14).
+    coefficients = [-1.0 / (2 * s**2) / scale for s in BANDWIDTHS]
+    total = torch.exp(squared * coefficients[0])
+    for coefficient in coefficients[1:]:
+        total = total + torch.exp(squared * coefficient)
+    return total / len(BANDWIDTHS)
 
 
 def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

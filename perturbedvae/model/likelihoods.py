@@ -54,6 +54,30 @@ def negative_binomial_log_prob(
     )
 
 
+def negative_binomial_cell_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, inverse_dispersion: torch.Tensor
+) -> torch.Tensor:
+    """Σ over genes of `negative_binomial_log_prob` per cell: x, mean [B, genes], inverse dispersion [genes] -> [B].
+
+    Every term with a factor x or of the form lgamma(x+θ) − lgamma(θ) − lgamma(x+1) is exactly 0 where
+    x = 0, and so is its gradient, so those terms are evaluated on the non-zero counts only; only
+    θ·log(θ/(θ+μ)) needs every entry. Count matrices are mostly zeros (~90% of the synthetic screen's
+    entries), and evaluated densely the lgamma and digamma calls alone were half the CPU time of a
+    training step (issue 14).
+    """
+    log_theta_mu = torch.log(mean + (inverse_dispersion + _EPS))  # ε joins the [genes] vector: one pass less over [B, genes]
+    zero_count_part = (inverse_dispersion * torch.log(inverse_dispersion + _EPS)).sum() - (log_theta_mu * inverse_dispersion).sum(dim=-1)
+    cells, genes = x.nonzero(as_tuple=True)
+    counts, theta = x[cells, genes], inverse_dispersion[genes]
+    count_part = (
+        torch.lgamma(counts + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(counts + 1.0)
+        + counts * (torch.log(mean[cells, genes] + _EPS) - log_theta_mu[cells, genes])
+    )
+    return zero_count_part.index_add(0, cells, count_part.to(zero_count_part.dtype))
+
+
 @dataclass
 class GaussianOutput:
     """Per-cell Gaussian over log-normalized expression with a learned per-gene variance."""
@@ -63,6 +87,10 @@ class GaussianOutput:
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return gaussian_log_prob(x, self.mean, self.log_variance)
+
+    def cell_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """[B] log-likelihood of each cell's expression (summed over genes)."""
+        return self.log_prob(x).sum(dim=-1)
 
     def log_normalized(self) -> torch.Tensor:
         return self.mean
@@ -83,6 +111,7 @@ class NegativeBinomialOutput:
     normalized_rate: torch.Tensor
     library_size: torch.Tensor
     inverse_dispersion: torch.Tensor
+    """[genes], shared by every cell (broadcast, never expanded, so per-gene terms are computed once)."""
 
     @property
     def mean(self) -> torch.Tensor:
@@ -90,6 +119,10 @@ class NegativeBinomialOutput:
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return negative_binomial_log_prob(x, self.mean, self.inverse_dispersion)
+
+    def cell_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """[B] log-likelihood of each cell's counts (summed over genes), cheaper than `log_prob` on sparse counts."""
+        return negative_binomial_cell_log_prob(x, self.mean, self.inverse_dispersion)
 
     def log_normalized(self) -> torch.Tensor:
         """E[log1p(1e4 · X / total(X))] under the model: the data's own statistic, per cell and gene.
@@ -172,7 +205,7 @@ class NegativeBinomialHead(nn.Module):
         return NegativeBinomialOutput(
             normalized_rate=torch.softmax(logits if offset is None else logits + offset, dim=-1),
             library_size=library_size.to(hidden.dtype),
-            inverse_dispersion=torch.exp(self.log_inverse_dispersion).expand(hidden.shape[0], -1),
+            inverse_dispersion=torch.exp(self.log_inverse_dispersion),
         )
 
 

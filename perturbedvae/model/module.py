@@ -171,7 +171,7 @@ class PerturbedVAEModule(nn.Module):
             reconstruction, counterfactual, qz_mean, is_control = self._mechanism_terms(batch, inference, effect, library_size, is_control)
         else:
             generative = self.generative(inference.z + effect.z_p, library_size)
-            reconstruction = -generative.log_prob(x).sum(dim=-1).mean()
+            reconstruction = -generative.cell_log_prob(x).mean()
             counterfactual = reconstruction.new_zeros(())
 
         # Penalties in float32 even under mixed-precision autocast: they are sums of many small terms.
@@ -219,7 +219,7 @@ class PerturbedVAEModule(nn.Module):
         n_cells = x.shape[0]
         change = self.effects.prediction(effect)
         generative = self.likelihood_head(self.decoder(inference.z), library_size, change)
-        reconstruction = -generative.log_prob(x).sum(dim=-1).mean()
+        reconstruction = -generative.cell_log_prob(x).mean()
         single = effect.anchorable & (perturbations.ne(0).sum(dim=1) == 1)
         misfit = (effect.modelled - effect.anchored)[single] ** 2
         if self.config.likelihood == "gaussian":
