@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     split = commands.add_parser("split", help="make a train/val/test split and save it as JSON")
     _add_data_options(split)
-    split.add_argument("--scheme", choices=["gears", "doubles", "custom", "lodo", "kfold", "singles_only"], required=True)
+    split.add_argument("--scheme", choices=["gears", "doubles", "custom", "lodo", "kfold", "singles_only", "unseen_singles"], required=True)
     split.add_argument("--seed", type=int, default=1)
     split.add_argument("--column", default=None, help="custom scheme: obs column with train/val/test")
     split.add_argument("--param", nargs="*", default=[], metavar="KEY=VALUE", help="scheme parameters")
