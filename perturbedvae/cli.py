@@ -181,6 +181,17 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.out) / 'benchmark.md'}, benchmark.csv, verdicts.csv and benchmark.png ({len(result.tidy)} scores)")
 
 
+def _cmd_transfer(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from perturbedvae.evaluate.report import summary_markdown
+    from perturbedvae.transfer import run_transfer
+
+    run_dir = run_transfer(args.config, args.overrides)
+    print(summary_markdown(pd.read_csv(run_dir / "metrics.csv")))
+    print(f"\nrun written to {run_dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perturbedvae", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--out", default="runs/benchmark", help="report folder")
     benchmark.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="applied to every model, e.g. train.epochs=20")
     benchmark.set_defaults(func=_cmd_benchmark)
+
+    transfer = commands.add_parser("transfer", help="predict perturbations in a covariate level where they were held out, beside baselines")
+    transfer.add_argument("--config", required=True, help="experiment config with split.scheme transfer, e.g. configs/mcfaline_transfer.yaml")
+    transfer.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. split.params.target=T98G")
+    transfer.set_defaults(func=_cmd_transfer)
 
     embed = commands.add_parser("embed", help="run a frozen encoder once and cache the cell embeddings (Arrow)")
     _add_data_options(embed)

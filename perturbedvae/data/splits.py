@@ -7,6 +7,8 @@ model predicts a perturbation it has never seen. The schemes:
   papers (see `gears_simulation_split`).
 - `doubles`: hold out combinations whose genes were all seen alone (SAMS-VAE's Norman OOD protocol).
 - `custom`: the user's own obs column of train/val/test labels.
+- `transfer`: conditions held out in one level of a covariate (`perturbedvae.data.covariates`); the scheme name
+  of those runs, made by `transfer_split`, not by `make_split`.
 - `unseen_singles`: hold out whole genes, every condition of them (GEARS' `unseen_single` subgroup), optionally
   only genes the data measures (the ones co-expression gene features can describe).
 - Benchmark folds over the combinations whose genes were all seen alone (`benchmark_combinations`):
@@ -32,7 +34,7 @@ from perturbedvae.data.conditions import CONTROL, ConditionSyntax, canonical_nam
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.errors import ConditionError, SplitError
 
-SCHEMES: tuple[str, ...] = ("gears", "doubles", "custom", "lodo", "kfold", "singles_only", "unseen_singles")
+SCHEMES: tuple[str, ...] = ("gears", "doubles", "custom", "lodo", "kfold", "singles_only", "unseen_singles", "transfer")
 BENCHMARK_PROTOCOLS: tuple[str, ...] = ("lodo", "kfold", "singles_only")
 ROLES: tuple[str, ...] = ("train", "val", "test")
 UNSEEN_COMBO_CHOICES: tuple[str, ...] = ("test", "train")
@@ -659,6 +661,7 @@ _PARAMETERS = {
     "kfold": ("fold", "n_folds"),
     "singles_only": (),
     "unseen_singles": ("test_fraction", "val_fraction", "measured_only"),
+    "transfer": ("target", "test_fraction"),
 }
 
 
@@ -676,6 +679,9 @@ def make_split(data: PerturbationData, scheme: str, seed: int = 1, **params) -> 
             f"split scheme {scheme!r} takes no parameter(s) {', '.join(unexpected)}; "
             f"it takes: {', '.join(_PARAMETERS[scheme])}"
         )
+    if scheme == "transfer":
+        raise SplitError("scheme transfer holds out conditions in one covariate level, not whole conditions: "
+                         "run it with perturbedvae transfer --config CONFIG (perturbedvae.data.covariates.transfer_split)")
     if scheme == "gears":
         spellings = [data.raw_spelling[name] for name in data.condition_names]
         split = gears_simulation_split(spellings, seed, syntax=data.syntax, **params)

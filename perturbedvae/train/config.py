@@ -47,6 +47,8 @@ class DataConfig:
     `backed` leaves expression in the file and reads it per batch (memory bounded by the batch, for
     screens too large for memory; representation kinds expression and obsm). `counts` overrides the
     detection of raw counts: null detects, true requires X to be counts, false reads X as log-normalized.
+    `covariate_keys` names the obs column(s) of a covariate (cell line, stimulation) for the transfer task
+    (`perturbedvae transfer`, `perturbedvae.data.covariates`).
     """
 
     path: str | None = None
@@ -61,6 +63,7 @@ class DataConfig:
     n_de_genes: int = 20
     backed: bool = False
     counts: bool | None = None
+    covariate_keys: list[str] | None = None
 
 
 @dataclass
