@@ -181,15 +181,26 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.out) / 'benchmark.md'}, benchmark.csv, verdicts.csv and benchmark.png ({len(result.tidy)} scores)")
 
 
-def _cmd_transfer(args: argparse.Namespace) -> None:
+def _print_run(run_dir: Path) -> None:
+    """The headline table of a run that scored itself beside its baselines, and where it is."""
     import pandas as pd
 
     from perturbedvae.evaluate.report import summary_markdown
-    from perturbedvae.transfer import run_transfer
 
-    run_dir = run_transfer(args.config, args.overrides)
     print(summary_markdown(pd.read_csv(run_dir / "metrics.csv")))
     print(f"\nrun written to {run_dir}")
+
+
+def _cmd_transfer(args: argparse.Namespace) -> None:
+    from perturbedvae.transfer import run_transfer
+
+    _print_run(run_transfer(args.config, args.overrides))
+
+
+def _cmd_cells(args: argparse.Namespace) -> None:
+    from perturbedvae.cell_split import run_cell_split
+
+    _print_run(run_cell_split(args.config, args.overrides))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--config", required=True, help="experiment config with split.scheme transfer, e.g. configs/mcfaline_transfer.yaml")
     transfer.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. split.params.target=T98G")
     transfer.set_defaults(func=_cmd_transfer)
+
+    cells = commands.add_parser("cells", help="per-cell split: train on part of every condition's cells, score the rest")
+    cells.add_argument("--config", required=True, help="experiment config with split.scheme cells (split.params.test_fraction)")
+    cells.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. split.params.test_fraction=0.2")
+    cells.set_defaults(func=_cmd_cells)
 
     embed = commands.add_parser("embed", help="run a frozen encoder once and cache the cell embeddings (Arrow)")
     _add_data_options(embed)

@@ -8,9 +8,7 @@ against the held-out cells relative to the target's controls, beside the baselin
 fitted on the target level's training conditions (no_change is the target's control mean there).
 
 Nothing held out is read before scoring: the PCA, the head and the epoch selection see only training
-cells, the baseline only the other levels and the target's controls. The `mechanism` composition is
-refused, because its post-training anchors re-measure every cell of each training condition, held-out
-target cells included.
+cells (`perturbedvae.train.cell_holdout`), the baseline only the other levels and the target's controls.
 
     <out>/config.yaml, transfer_split.json, log.jsonl, model/, metrics.json, metrics.csv, predictions.csv
 """
@@ -18,7 +16,6 @@ target cells included.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +29,15 @@ from perturbedvae.errors import ConfigError
 from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
 from perturbedvae.evaluate.evaluator import write_metrics
 from perturbedvae.evaluate.predictions import Predictions
-from perturbedvae.model import PerturbedVAE
+from perturbedvae.train.cell_holdout import check_cell_task_config, datamodule_without_cells, train_head
 from perturbedvae.train.config import ExperimentConfig, load_config
-from perturbedvae.train.datamodule import PerturbationDataModule, hold_out_cells
+from perturbedvae.train.datamodule import PerturbationDataModule
 from perturbedvae.train.predict import predict_from_controls
-from perturbedvae.train.representation import build_representation, head_of
-from perturbedvae.train.runs import MODEL_NAME, HeldOutCellScorer, RunLayout, _prepare_run_dir, load_data
-from perturbedvae.train.trainer import Selection, Trainer, make_accelerator
+from perturbedvae.train.runs import MODEL_NAME, RunLayout, _prepare_run_dir, load_data
+from perturbedvae.train.trainer import make_accelerator
 
 TRANSFER_SPLIT_FILE = "transfer_split.json"
+PREDICTIONS_FILE = "predictions.csv"
 BASELINE_NAME = "other_level_shift"
 SUBGROUP = "transfer"
 
@@ -55,25 +52,7 @@ def check_transfer_config(config: ExperimentConfig) -> None:
                           f"test_fraction{'; unknown: ' + ', '.join(unknown) if unknown else ''}")
     if not config.data.covariate_keys:
         raise ConfigError("the transfer scheme needs data.covariate_keys, the obs column(s) of the covariate (e.g. [cell_type])")
-    if config.model["composition"] != "latent_sum":
-        raise ConfigError("the transfer task needs model.composition latent_sum (mechanism's anchors would read held-out cells)")
-    if config.train.selection == "val_conditions":
-        raise ConfigError("the transfer split has no validation conditions; set train.selection held_out_cells or last")
-    if config.gene_features.sources:
-        raise ConfigError("gene_features are for unseen genes; the transfer task predicts genes seen in other levels: remove them")
-
-
-def transfer_datamodule(config: ExperimentConfig, data: PerturbationData, held_out: np.ndarray) -> PerturbationDataModule:
-    """A data module over every condition whose cells in `held_out` neither train, fit the PCA nor select the epoch."""
-    split = Split(scheme="transfer", seed=config.split.seed, train=data.condition_names, val=[], test=[], test_subgroups={},
-                  val_subgroups={}, data_fingerprint=data.fingerprint)
-    fraction = config.train.held_out_fraction if config.train.selection == "held_out_cells" else 0.0
-    train_cells, _ = hold_out_cells(data, split.train, fraction, config.train.seed)
-    representation = build_representation(config.representation, data, np.setdiff1d(train_cells, held_out))
-    datamodule = PerturbationDataModule.build(data, split, representation, config.model["likelihood"],
-                                              held_out_fraction=fraction, seed=config.train.seed)
-    return replace(datamodule, train_cells=np.setdiff1d(datamodule.train_cells, held_out),
-                   held_out_cells=np.setdiff1d(datamodule.held_out_cells, held_out))
+    check_cell_task_config(config, "transfer")
 
 
 def run_transfer(config_path: str | Path, overrides: Sequence[str] = ()) -> Path:
@@ -89,16 +68,11 @@ def run_transfer(config_path: str | Path, overrides: Sequence[str] = ()) -> Path
                            config.split.params.get("test_fraction", 0.34), config.split.seed)
     config.save(layout.config)
     split.save(layout.root / TRANSFER_SPLIT_FILE)
-    datamodule = transfer_datamodule(config, data, split.held_out_cells(data, levels))
+    datamodule = datamodule_without_cells(config, data, split.held_out_cells(data, levels), "transfer")
+    module = train_head(config, datamodule, layout, accelerator)
     controls = target_controls(datamodule, levels, split.target, config.train.n_control_cells, config.train.seed)
-    scorer = HeldOutCellScorer(datamodule, datamodule.control_cells(config.train.n_control_cells, config.train.seed))
-    selection = scorer.selection if config.train.selection == "held_out_cells" else Selection()
-    validator = scorer if config.train.selection == "held_out_cells" and scorer.conditions else None
-    result = Trainer(config, datamodule, layout.root, validator, None, accelerator, selection).fit()
-    head = head_of(result.module)
-    PerturbedVAE(head.config, head, datamodule.perturbation_genes, data.genes).save_pretrained(layout.model)
-    predictions = predict_from_controls(result.module, datamodule, split.test, controls)
-    predictions.means.to_csv(layout.root / "predictions.csv")
+    predictions = predict_from_controls(module, datamodule, split.test, controls)
+    predictions.means.to_csv(layout.root / PREDICTIONS_FILE)
     summary, tidy = score_transfer(data, levels, split, predictions, config.data.de_method, config.data.n_de_genes)
     write_metrics(summary, tidy, layout.root)
     return layout.root

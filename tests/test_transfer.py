@@ -16,8 +16,9 @@ from perturbedvae.data.covariates import TransferSplit, covariate_levels, level_
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.data.splits import make_split
 from perturbedvae.errors import ConfigError, DataError, SplitError
+from perturbedvae.train.cell_holdout import datamodule_without_cells
 from perturbedvae.train.config import load_config
-from perturbedvae.transfer import BASELINE_NAME, check_transfer_config, transfer_datamodule
+from perturbedvae.transfer import BASELINE_NAME, check_transfer_config
 from tests.conftest import NORMAN_PATH, make_toy_adata
 
 CONDITIONS = ["control", "G0", "G1", "G2", "G3", "G4", "G5"]
@@ -86,12 +87,12 @@ def test_held_out_target_cells_neither_train_nor_fit_the_pca(data, tmp_path: Pat
     config = transfer_config(tmp_path, "representation.n_components=4")
     levels = covariate_levels(data, ["cell_line"])
     held = transfer_split(data, ["cell_line"], "B", 0.5, 1).held_out_cells(data, levels)
-    datamodule = transfer_datamodule(config, data, held)
+    datamodule = datamodule_without_cells(config, data, held, "transfer")
     assert not set(held) & set(datamodule.train_cells) and not set(held) & set(datamodule.held_out_cells)
     changed = data.adata.copy()
     changed.X = np.asarray(changed.X).copy()
     changed.X[held] = 9.0
-    other = transfer_datamodule(config, load_dataset(changed), held)
+    other = datamodule_without_cells(config, load_dataset(changed), held, "transfer")
     np.testing.assert_allclose(other.representation.fitted["components"], datamodule.representation.fitted["components"], atol=1e-6)
 
 

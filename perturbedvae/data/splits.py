@@ -9,6 +9,7 @@ model predicts a perturbation it has never seen. The schemes:
 - `custom`: the user's own obs column of train/val/test labels.
 - `transfer`: conditions held out in one level of a covariate (`perturbedvae.data.covariates`); the scheme name
   of those runs, made by `transfer_split`, not by `make_split`.
+- `cells`: a seeded fraction of every condition's cells held out (`perturbedvae.cell_split`, `perturbedvae cells`).
 - `unseen_singles`: hold out whole genes, every condition of them (GEARS' `unseen_single` subgroup), optionally
   only genes the data measures (the ones co-expression gene features can describe).
 - Benchmark folds over the combinations whose genes were all seen alone (`benchmark_combinations`):
@@ -34,7 +35,7 @@ from perturbedvae.data.conditions import CONTROL, ConditionSyntax, canonical_nam
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.errors import ConditionError, SplitError
 
-SCHEMES: tuple[str, ...] = ("gears", "doubles", "custom", "lodo", "kfold", "singles_only", "unseen_singles", "transfer")
+SCHEMES: tuple[str, ...] = ("gears", "doubles", "custom", "lodo", "kfold", "singles_only", "unseen_singles", "transfer", "cells")
 BENCHMARK_PROTOCOLS: tuple[str, ...] = ("lodo", "kfold", "singles_only")
 ROLES: tuple[str, ...] = ("train", "val", "test")
 UNSEEN_COMBO_CHOICES: tuple[str, ...] = ("test", "train")
@@ -662,6 +663,7 @@ _PARAMETERS = {
     "singles_only": (),
     "unseen_singles": ("test_fraction", "val_fraction", "measured_only"),
     "transfer": ("target", "test_fraction"),
+    "cells": ("test_fraction",),
 }
 
 
@@ -679,9 +681,10 @@ def make_split(data: PerturbationData, scheme: str, seed: int = 1, **params) -> 
             f"split scheme {scheme!r} takes no parameter(s) {', '.join(unexpected)}; "
             f"it takes: {', '.join(_PARAMETERS[scheme])}"
         )
-    if scheme == "transfer":
-        raise SplitError("scheme transfer holds out conditions in one covariate level, not whole conditions: "
-                         "run it with perturbedvae transfer --config CONFIG (perturbedvae.data.covariates.transfer_split)")
+    if scheme in ("transfer", "cells"):
+        held_out = "conditions in one covariate level" if scheme == "transfer" else "a fraction of every condition's cells"
+        raise SplitError(f"scheme {scheme} holds out {held_out}, not whole conditions: run it with "
+                         f"perturbedvae {scheme} --config CONFIG")
     if scheme == "gears":
         spellings = [data.raw_spelling[name] for name in data.condition_names]
         split = gears_simulation_split(spellings, seed, syntax=data.syntax, **params)
