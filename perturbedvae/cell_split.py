@@ -1,12 +1,12 @@
 """The per-cell split: predict perturbations that trained, on cells of them that never did.
 
-discrepancy-VAE's "single cells held out" protocol: a seeded `test_fraction` of every condition's cells
-(control included) is held out (`hold_out_cells`, drawn per condition name, so the draw of one condition
-does not depend on the others); the head trains on the rest of every condition. Each condition is then
-predicted from training control cells and scored against the mean of its held-out cells, with the
-held-out controls as the reference control. Beside it: `training_cells_mean`, each condition's mean over
-its training cells (what a model that memorised the seen perturbation would say; the target any model of
-seen perturbations approaches), and `no_change`, the training controls' mean.
+discrepancy-VAE's "single cells held out" protocol: a seeded `test_fraction` of every perturbed condition's
+cells is held out (`hold_out_cells`, drawn per condition name, so the draw of one condition does not depend
+on the others); the head trains on the rest of every condition and on all control cells. Each condition is
+then predicted from control cells and scored against the mean of its held-out cells, relative to the
+control mean (the cells predictions start from, so a no-change prediction has no change at all). Beside
+it: `training_cells_mean`, each condition's mean over its training cells (what a model that memorised the
+seen perturbation would say; the target any model of seen perturbations approaches), and `no_change`.
 
     <out>/config.yaml, cell_split.json, log.jsonl, model/, metrics.json, metrics.csv, predictions.csv
 """
@@ -40,10 +40,10 @@ DEFAULT_TEST_FRACTION = 0.2
 
 
 def held_out_test_cells(data: PerturbationData, test_fraction: float, seed: int) -> np.ndarray:
-    """Row numbers of the test cells: a seeded `test_fraction` of every condition's cells (at least one stays to train)."""
+    """Row numbers of the test cells: a seeded `test_fraction` of every perturbed condition's cells (one at least stays)."""
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise ConfigError(f"split.params.test_fraction of the cells scheme must lie in (0, 1), got {test_fraction!r}")
-    return hold_out_cells(data, data.condition_names, float(test_fraction), seed)[1]
+    return hold_out_cells(data, [name for name in data.condition_names if name != CONTROL], float(test_fraction), seed)[1]
 
 
 def run_cell_split(config_path: str | Path, overrides: Sequence[str] = ()) -> Path:
@@ -79,8 +79,12 @@ def run_cell_split(config_path: str | Path, overrides: Sequence[str] = ()) -> Pa
 
 def score_cells(data: PerturbationData, test_cells: np.ndarray, predictions: Predictions | None,
                 de_method: str = "t-test", n_de_genes: int = 20) -> tuple[dict, pd.DataFrame]:
-    """Metrics on the test cells of the model (when given) and of both baselines, which read training cells only."""
-    test = PerturbationData(data.adata[test_cells].copy(), data.syntax, data.condition_key, data.is_counts,
+    """Metrics on the test cells (beside every control cell) of the model, when given, and of both baselines.
+
+    The baselines read training cells only.
+    """
+    scored = np.union1d(test_cells, data.cell_indices(CONTROL))
+    test = PerturbationData(data.adata[scored].copy(), data.syntax, data.condition_key, data.is_counts,
                             dict(data.raw_spelling), data.source)
     conditions = [name for name in test.condition_names if name != CONTROL]
     train_cells = np.setdiff1d(np.arange(data.adata.n_obs), test_cells)
