@@ -66,10 +66,6 @@ class GeneFeatures:
     columns: list[tuple[str, int]]
     sources_of: dict[str, list[str]]
 
-    @property
-    def width(self) -> int:
-        return self.values.shape[1]
-
 
 def coexpression_block(expression: ExpressionRows, measured: Sequence[str], train_cells: np.ndarray, genes: Sequence[str],
                        n_components: int) -> FeatureBlock:
