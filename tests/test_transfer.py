@@ -128,7 +128,7 @@ def test_the_transfer_command_scores_the_model_beside_its_baselines(tmp_path: Pa
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["split.scheme=doubles"], "needs split.scheme transfer"),
+        (["split.scheme=doubles", "data.covariate_keys=null"], "needs split.scheme transfer"),
         (["data.covariate_keys=null"], "needs data.covariate_keys"),
         (["model.composition=mechanism"], "needs model.composition latent_sum"),
         (["train.selection=val_conditions"], "no validation conditions"),
@@ -138,6 +138,11 @@ def test_the_transfer_command_scores_the_model_beside_its_baselines(tmp_path: Pa
 def test_transfer_settings_are_checked(tmp_path: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         check_transfer_config(transfer_config(tmp_path, *overrides))
+
+
+def test_covariate_keys_outside_the_transfer_task_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.covariate_keys is read by the transfer task only"):
+        transfer_config(tmp_path, "split.scheme=doubles", "split.params={}")
 
 
 def test_make_split_points_the_transfer_scheme_to_its_command(data) -> None:

@@ -326,6 +326,9 @@ def _check_consistency(config: ExperimentConfig) -> None:
     if representation.kind == "encoder" and not representation.adapter:
         raise ConfigError("representation.kind encoder needs representation.adapter, the path of an adapter card")
     _check_gene_features(config)
+    if data.covariate_keys and config.split.scheme != "transfer":
+        raise ConfigError("data.covariate_keys is read by the transfer task only (split.scheme transfer, perturbedvae transfer); "
+                          "other runs do not condition on covariates: remove it, or filter cells with data.obs_filter")
     positive = {
         "train.epochs": train.epochs,
         "train.batch_size": train.batch_size,

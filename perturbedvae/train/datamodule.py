@@ -4,9 +4,9 @@ Training cells are the cells of the split's training conditions (control include
 `h` (the representation; for an encoder run inside the step, its `prepare` rows under
 `ENCODER_INPUTS_KEY` instead), `x` (the target: log-normalized expression for a gaussian head, raw counts for
 a negative-binomial one), `perturbations` (multi-hot over the perturbation vocabulary: the genes
-perturbed in training conditions, sorted) and, when counts exist, `library_size`. Rows are gathered from
-`PerturbationData.expression`/`counts` only when a batch is collated, and sparse rows are densified only
-then, so memory scales with the data's non-zeros in memory, and with the batch for backed data.
+perturbed in training conditions, and with gene features the held-out genes they describe, sorted) and,
+when counts exist, `library_size`. Rows are gathered from `PerturbationData.expression`/`counts` only
+when a batch is collated, and sparse rows are densified only then, so memory scales with the data's non-zeros in memory, and with the batch for backed data.
 
 The shuffling order is a pure function of (seed, epoch), which is what lets a resumed run replay
 exactly the batches an uninterrupted run would have seen.
