@@ -162,6 +162,8 @@ def test_a_run_predicts_unseen_single_genes_from_coexpression_features(tmp_path:
     assert np.isfinite(predicted.to_numpy()).all() and predicted.index.tolist() == split["test"]
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["unpredictable_test_conditions"] == []
+    assert info["gene_features"]["columns"] == {"coexpression": 6}
+    assert all(info["gene_features"]["sources_of"][gene] == ["coexpression"] for gene in held_out_genes)
 
 
 def test_a_run_whose_test_genes_have_no_features_stops_before_training(tmp_path: Path) -> None:

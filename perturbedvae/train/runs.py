@@ -265,13 +265,20 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
             save_adapters(datamodule.representation.encoder, layout.adapters)
         test_scorer = ConditionScorer(datamodule, split.test, split.test_subgroups, config.data.de_method, config.data.n_de_genes, controls)
         run_info = {**result.run_info, "latent": _latent_record(trainer, head, datamodule, config.train.seed, initialize), "data_fingerprint": data.fingerprint, "n_train_cells": len(datamodule.train_cells),
-                    "unpredictable_val_conditions": unpredictable_val, "unpredictable_test_conditions": test_scorer.skipped}
+                    "unpredictable_val_conditions": unpredictable_val, "unpredictable_test_conditions": test_scorer.skipped,
+                    "gene_features": _feature_record(datamodule)}
         if test_scorer.conditions:
             summary, tidy = compare(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(result.module)})
             write_metrics(summary, tidy, layout.root)
         layout.run_info.write_text(json.dumps(run_info, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return layout.root
+
+
+def _feature_record(datamodule: PerturbationDataModule) -> dict | None:
+    """Which source described each perturbation gene, and the width of each block (None without gene features)."""
+    features = datamodule.gene_features
+    return None if features is None else {"columns": dict(features.columns), "sources_of": features.sources_of}
 
 
 def _latent_record(trainer: Trainer, head, datamodule: PerturbationDataModule, seed: int, initialize) -> dict:
