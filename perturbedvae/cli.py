@@ -181,13 +181,35 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.out) / 'benchmark.md'}, benchmark.csv, verdicts.csv and benchmark.png ({len(result.tidy)} scores)")
 
 
+def _print_run(run_dir: Path) -> None:
+    """The headline table of a run that scored itself beside its baselines, and where it is."""
+    import pandas as pd
+
+    from perturbedvae.evaluate.report import summary_markdown
+
+    print(summary_markdown(pd.read_csv(run_dir / "metrics.csv")))
+    print(f"\nrun written to {run_dir}")
+
+
+def _cmd_transfer(args: argparse.Namespace) -> None:
+    from perturbedvae.transfer import run_transfer
+
+    _print_run(run_transfer(args.config, args.overrides))
+
+
+def _cmd_cells(args: argparse.Namespace) -> None:
+    from perturbedvae.cell_split import run_cell_split
+
+    _print_run(run_cell_split(args.config, args.overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perturbedvae", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     split = commands.add_parser("split", help="make a train/val/test split and save it as JSON")
     _add_data_options(split)
-    split.add_argument("--scheme", choices=["gears", "doubles", "custom", "lodo", "kfold", "singles_only"], required=True)
+    split.add_argument("--scheme", choices=["gears", "doubles", "custom", "lodo", "kfold", "singles_only", "unseen_singles"], required=True)
     split.add_argument("--seed", type=int, default=1)
     split.add_argument("--column", default=None, help="custom scheme: obs column with train/val/test")
     split.add_argument("--param", nargs="*", default=[], metavar="KEY=VALUE", help="scheme parameters")
@@ -242,6 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--out", default="runs/benchmark", help="report folder")
     benchmark.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="applied to every model, e.g. train.epochs=20")
     benchmark.set_defaults(func=_cmd_benchmark)
+
+    transfer = commands.add_parser("transfer", help="predict perturbations in a covariate level where they were held out, beside baselines")
+    transfer.add_argument("--config", required=True, help="experiment config with split.scheme transfer, e.g. configs/mcfaline_transfer.yaml")
+    transfer.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. split.params.target=T98G")
+    transfer.set_defaults(func=_cmd_transfer)
+
+    cells = commands.add_parser("cells", help="per-cell split: train on part of every condition's cells, score the rest")
+    cells.add_argument("--config", required=True, help="experiment config with split.scheme cells (split.params.test_fraction)")
+    cells.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. split.params.test_fraction=0.2")
+    cells.set_defaults(func=_cmd_cells)
 
     embed = commands.add_parser("embed", help="run a frozen encoder once and cache the cell embeddings (Arrow)")
     _add_data_options(embed)

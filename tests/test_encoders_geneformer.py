@@ -182,3 +182,17 @@ def test_counts_are_preferred_over_inverting_log1p():
         assert relative_expression_source(data) is data.layers["counts"]
         raw = ad.AnnData(data.layers["counts"].copy())
         assert relative_expression_source(raw) is raw.X
+
+
+def test_loading_prints_no_load_report_and_warns_only_about_missing_weights(tmp_path, tiny_checkpoint, capfd):
+    from transformers import BertModel
+
+    from perturbedvae.encoders.checkpoints import load_quietly
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the unused masked-LM head (cls.*) is no warning
+        model = load_quietly(BertModel, tiny_checkpoint, add_pooling_layer=False)
+    assert "LOAD REPORT" not in capfd.readouterr().err and model.config.num_hidden_layers == TINY.num_layers
+    with pytest.warns(UserWarning, match=r"weight\(s\) of BertModel are not in the checkpoint .* encoder\.layer\.\d+"):
+        load_quietly(BertModel, tiny_checkpoint, add_pooling_layer=False, num_hidden_layers=TINY.num_layers + 1)
+    assert "LOAD REPORT" not in capfd.readouterr().err

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import anndata as ad
 import numpy as np
@@ -83,3 +86,28 @@ def test_tiny_pretraining_learns_context_and_saves_a_loadable_checkpoint(tmp_pat
     assert embeddings.shape == (4, 32)
     assert not torch.allclose(embeddings[0], embeddings[1], atol=1e-3)  # the two programs embed differently
     torch.testing.assert_close(embeddings[0], embeddings[2])
+
+
+def test_an_encoder_not_above_a_frequency_baseline_is_warned_about(tmp_path, norman_data, one_thread):
+    data = two_program_data(norman_data.genes[:16])
+    config = PretrainConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_length=32,
+                            batch_size=16, learning_rate=1e-9, max_steps=1, held_out_fraction=0.3, seed=0)
+    with pytest.warns(UserWarning, match=r"not above the frequency baseline .* train longer") as caught:
+        report = pretrain([data], tmp_path / "model", CARD, config, vocab_dir=VOCAB_DIR, log_every=0)
+    assert report.held_out_accuracy <= max(report.baseline_per_position, report.baseline_most_frequent)
+    assert report.shortfall() in {str(warning.message) for warning in caught}
+
+
+def test_the_pretrain_script_reads_any_h5ad_and_warns_below_the_baseline(tmp_path, norman_data):
+    two_program_data(norman_data.genes[:16]).adata.write_h5ad(tmp_path / "cells.h5ad")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts/pretrain_encoder.py"), "--out", str(tmp_path / "enc"), "--data", str(tmp_path / "cells.h5ad"),
+         "--card", str(CARD), "--vocab-dir", str(VOCAB_DIR), "--hidden-size", "16", "--layers", "1", "--heads", "2", "--max-length", "32",
+         "--max-steps", "1", "--lr", "1e-9", "--threads", "1"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=REPO, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "enc" / "pretrain_report.json").read_text())
+    assert report["n_train_cells"] + report["n_held_out_cells"] == 200 and report["embedding_throughput"]["cells"] == 200
+    assert "warning: held-out masked-gene accuracy" in done.stderr

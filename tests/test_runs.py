@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from accelerate.state import AcceleratorState
 
+from perturbedvae.data.splits import Split, make_split
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
 from perturbedvae.train import runs
 from perturbedvae.train.config import DataConfig, ExperimentConfig, load_config
@@ -117,8 +118,11 @@ def test_unknown_genes_and_malformed_conditions_are_condition_errors(run_dir: Pa
 
 
 def test_a_gene_the_split_held_out_is_named_as_such(tmp_path: Path) -> None:
-    run = load_run(train_from_config(tiny(tmp_path / "gears", "split.scheme=gears", "split.params={}", "train.epochs=1",
-                                          "train.checkpoint_every=0")))
+    """A gene held out in validation only (a run refuses test genes it cannot predict, see test_gene_features)."""
+    config = tiny(tmp_path / "held", "train.epochs=1", "train.checkpoint_every=0")
+    unseen = make_split(runs.load_data(config.data), "unseen_singles", seed=1, test_fraction=0.2)
+    Split("custom", None, unseen.train, unseen.test, [], {}, {}).save(tmp_path / "split.json")  # its test genes validate only
+    run = load_run(train_from_config(tiny(tmp_path / "held", "train.epochs=1", "train.checkpoint_every=0", f"split.path={tmp_path / 'split.json'}")))
     held_out = sorted(set(run.datamodule.data.perturbed_genes) - set(run.model.perturbation_genes))
     assert held_out
     gene = held_out[0]

@@ -183,3 +183,21 @@ def test_two_cpu_processes_train_a_lora_run(data_path, checkpoint, tmp_path):
     assert (run_dir / "adapters" / "adapter_model.safetensors").is_file()
     assert load_config(run_dir / "config.yaml").representation.finetune == "lora"
     assert load_run(run_dir).predict(["KLF1+MAP2K6"]).conditions == ["KLF1+MAP2K6"]
+
+
+def test_encoder_gene_embeddings_give_genes_held_out_by_the_split_an_effect(data_path, checkpoint, tmp_path):
+    config = encoder_config(data_path, checkpoint, tmp_path / "unseen", cache_dir=str(tmp_path / "cache"))
+    values = {**config.to_dict(), "split": {"scheme": "unseen_singles", "seed": 1, "params": {"test_fraction": 0.2}},
+              "gene_features": {"sources": ["encoder"]}, "train": {**config.to_dict()["train"], "selection": "last"}}
+    config = ExperimentConfig.from_dict(values)
+    data = load_data(config.data)
+    split = load_or_make_split(config.split, data)
+    datamodule = build_datamodule(config, data, split)
+    held_out = sorted({gene for name in split.test for gene in name.split("+")} - {gene for name in split.train for gene in name.split("+")})
+    assert held_out and set(held_out) <= set(datamodule.perturbation_genes)
+    encoder = datamodule.representation.encoder
+    expected = encoder.gene_embeddings(datamodule.perturbation_genes).numpy()
+    np.testing.assert_allclose(datamodule.gene_features.values, expected, atol=1e-6)  # V1 covers every gene: no identity columns
+    run_dir = train_from_config(config)
+    metrics = json.loads((run_dir / "metrics.json").read_text())["perturbedvae"]
+    assert "unseen_single" in metrics["per_subgroup"] and set(metrics["per_condition"]) == set(split.test)

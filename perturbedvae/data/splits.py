@@ -7,6 +7,11 @@ model predicts a perturbation it has never seen. The schemes:
   papers (see `gears_simulation_split`).
 - `doubles`: hold out combinations whose genes were all seen alone (SAMS-VAE's Norman OOD protocol).
 - `custom`: the user's own obs column of train/val/test labels.
+- `transfer`: conditions held out in one level of a covariate (`perturbedvae.data.covariates`); the scheme name
+  of those runs, made by `transfer_split`, not by `make_split`.
+- `cells`: a seeded fraction of every condition's cells held out (`perturbedvae.cell_split`, `perturbedvae cells`).
+- `unseen_singles`: hold out whole genes, every condition of them (GEARS' `unseen_single` subgroup), optionally
+  only genes the data measures (the ones co-expression gene features can describe).
 - Benchmark folds over the combinations whose genes were all seen alone (`benchmark_combinations`):
   `lodo` holds out one of them per fold, `kfold` one of K seeded folds, `singles_only` trains on control
   and singles and tests every such combination (discrepancy-VAE's protocol). A fold has no validation
@@ -30,7 +35,7 @@ from perturbedvae.data.conditions import CONTROL, ConditionSyntax, canonical_nam
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.errors import ConditionError, SplitError
 
-SCHEMES: tuple[str, ...] = ("gears", "doubles", "custom", "lodo", "kfold", "singles_only")
+SCHEMES: tuple[str, ...] = ("gears", "doubles", "custom", "lodo", "kfold", "singles_only", "unseen_singles", "transfer", "cells")
 BENCHMARK_PROTOCOLS: tuple[str, ...] = ("lodo", "kfold", "singles_only")
 ROLES: tuple[str, ...] = ("train", "val", "test")
 UNSEEN_COMBO_CHOICES: tuple[str, ...] = ("test", "train")
@@ -457,6 +462,58 @@ def _canonical_conditions(
     return sorted(set(names) - {CONTROL}), fingerprint
 
 
+# --- unseen singles ----------------------------------------------------------------------------------------
+
+
+def unseen_singles_split(
+    data: PerturbationData, seed: int = 1, test_fraction: float = 0.25, val_fraction: float = 0.0, measured_only: bool = False
+) -> Split:
+    """Hold out whole genes: every condition of a held-out gene leaves training (GEARS' `unseen_single`).
+
+    Candidates are the genes with a single-gene condition; with `measured_only`, only those the data measures,
+    the genes data-derived (co-expression) features describe. A seeded `test_fraction` of the candidates
+    (rounded half up, at least 1) are test genes, then a seeded `val_fraction` of the rest validation genes
+    (always leaving one candidate to train). Test holds every condition with a test gene (`unseen_single` for
+    its single, `combo_seenK` for a combination with K genes seen alone in training), validation every other
+    condition with a validation gene; everything else trains. Draws use numpy's legacy RandomState over sorted
+    names, like the other schemes.
+
+    Raises:
+        SplitError: for a bad parameter, or fewer than two candidate genes.
+    """
+    seed = _check_seed(seed)
+    _check_fraction(test_fraction, "test_fraction", allow_zero=False)
+    _check_fraction(val_fraction, "val_fraction")
+    if not isinstance(measured_only, bool):
+        raise SplitError(f"measured_only must be true or false, got {measured_only!r}")
+    names, fingerprint = _canonical_conditions(data, ConditionSyntax())
+    measured = set(data.genes)
+    candidates = [name for name in names if len(genes_of(name)) == 1 and (not measured_only or name in measured)]
+    if len(candidates) < 2:
+        which = "measured genes with a single-gene condition" if measured_only else "genes with a single-gene condition"
+        raise SplitError(f"unseen_singles needs at least two {which}, found {len(candidates)}"
+                         + ("; set measured_only false" if measured_only else ""))
+    rng = np.random.RandomState(seed)
+    test_genes = set(rng.choice(candidates, _held_out_count(test_fraction, len(candidates), minimum=1), replace=False).tolist())
+    remaining = sorted(set(candidates) - test_genes)
+    n_val = min(_held_out_count(val_fraction, len(remaining), minimum=1), len(remaining) - 1) if val_fraction > 0 else 0
+    val_genes = set(rng.choice(remaining, n_val, replace=False).tolist()) if n_val > 0 else set()
+    test = [name for name in names if test_genes & set(genes_of(name))]
+    val = [name for name in names if val_genes & set(genes_of(name)) and name not in test]
+    train = sorted(set(names) - set(test) - set(val))
+    return Split(
+        scheme="unseen_singles",
+        seed=seed,
+        train=[CONTROL, *train],
+        val=val,
+        test=test,
+        test_subgroups=_subgroups_by_seen_singles(test, train),
+        val_subgroups=_subgroups_by_seen_singles(val, train),
+        params={"test_fraction": test_fraction, "val_fraction": val_fraction, "measured_only": measured_only},
+        data_fingerprint=fingerprint,
+    )
+
+
 # --- custom ------------------------------------------------------------------------------------------------
 
 
@@ -604,6 +661,9 @@ _PARAMETERS = {
     "lodo": ("fold",),
     "kfold": ("fold", "n_folds"),
     "singles_only": (),
+    "unseen_singles": ("test_fraction", "val_fraction", "measured_only"),
+    "transfer": ("target", "test_fraction"),
+    "cells": ("test_fraction",),
 }
 
 
@@ -621,6 +681,10 @@ def make_split(data: PerturbationData, scheme: str, seed: int = 1, **params) -> 
             f"split scheme {scheme!r} takes no parameter(s) {', '.join(unexpected)}; "
             f"it takes: {', '.join(_PARAMETERS[scheme])}"
         )
+    if scheme in ("transfer", "cells"):
+        held_out = "conditions in one covariate level" if scheme == "transfer" else "a fraction of every condition's cells"
+        raise SplitError(f"scheme {scheme} holds out {held_out}, not whole conditions: run it with "
+                         f"perturbedvae {scheme} --config CONFIG")
     if scheme == "gears":
         spellings = [data.raw_spelling[name] for name in data.condition_names]
         split = gears_simulation_split(spellings, seed, syntax=data.syntax, **params)
@@ -636,6 +700,8 @@ def make_split(data: PerturbationData, scheme: str, seed: int = 1, **params) -> 
         return kfold_split(data, params["fold"], params.get("n_folds", 5), seed)
     if scheme == "singles_only":
         return singles_only_split(data)
+    if scheme == "unseen_singles":
+        return unseen_singles_split(data, seed, **params)
     if "column" not in params:
         raise SplitError("split scheme 'custom' needs column=<obs column with train/val/test labels>")
     return custom_split(data, params["column"])

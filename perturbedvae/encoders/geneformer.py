@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from perturbedvae.encoders.cards import AdapterCard
+from perturbedvae.encoders.checkpoints import load_quietly
 from perturbedvae.encoders.rank_value import RankValueTokenizer, RankValueTransformerEncoder
 from perturbedvae.encoders.vocab import load_pickle_dictionary
 from perturbedvae.errors import CheckpointError
@@ -43,7 +44,7 @@ def load_geneformer(card: AdapterCard, checkpoint: Path) -> RankValueTransformer
     from transformers import BertModel
 
     try:
-        model = BertModel.from_pretrained(str(checkpoint), add_pooling_layer=False)
+        model = load_quietly(BertModel, checkpoint, add_pooling_layer=False)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{checkpoint}: not a BERT checkpoint directory (config.json + weights): {error}") from None
     model.eval()

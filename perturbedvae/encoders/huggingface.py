@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from perturbedvae.encoders.cards import AdapterCard
+from perturbedvae.encoders.checkpoints import load_quietly
 from perturbedvae.encoders.rank_value import RankValueTokenizer, RankValueTransformerEncoder
 from perturbedvae.encoders.vocab import load_json_dictionary
 from perturbedvae.errors import CheckpointError, ConfigError
@@ -20,7 +21,7 @@ def load_huggingface(card: AdapterCard, checkpoint: Path) -> RankValueTransforme
     from transformers import AutoModel
 
     try:
-        model = AutoModel.from_pretrained(str(checkpoint))
+        model = load_quietly(AutoModel, checkpoint)
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"{checkpoint}: not a HuggingFace model directory (config.json + weights): {error}") from None
     model.eval()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +70,20 @@ class PretrainReport:
     baseline_most_frequent: float
     baseline_per_position: float
     config: dict = field(default_factory=dict)
+
+    def shortfall(self) -> str | None:
+        """Why the encoder is no better than gene frequency, or None when it beats both baselines.
+
+        An encoder at or below a frequency baseline learned nothing about a cell's context, so its
+        embeddings would feed the head noise; the user should hear that before training on them.
+        """
+        best, name = max((self.baseline_per_position, "the most frequent gene at each rank position"),
+                         (self.baseline_most_frequent, "the most frequent gene"))
+        if self.held_out_accuracy > best:
+            return None
+        return (f"held-out masked-gene accuracy {self.held_out_accuracy:.4f} is not above the frequency baseline {best:.4f} "
+                f"({name}): the encoder learned nothing beyond gene frequencies; train longer (epochs, max_steps), "
+                "or on more cells")
 
 
 def new_geneformer_bert(vocab_size: int, config: PretrainConfig, pad_id: int = 0):
@@ -196,6 +211,8 @@ def pretrain(datasets: Sequence[PerturbationData], out_dir: str | Path, card: st
         held_out_accuracy=round(scores["model"], 4), baseline_most_frequent=round(scores["overall"], 4),
         baseline_per_position=round(scores["position"], 4), config=asdict(config),
     )
+    if report.shortfall():
+        warnings.warn(report.shortfall(), UserWarning, stacklevel=2)
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir))
     (out_dir / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")

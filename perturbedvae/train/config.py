@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from perturbedvae.data.gene_features import SOURCES as GENE_FEATURE_SOURCES
 from perturbedvae.errors import ConfigError, close_matches
 from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.yaml_files import parse_value, read_yaml_mapping
@@ -32,7 +33,7 @@ DERIVED_MODEL_FIELDS = ("n_input", "n_genes", "n_perturbations")
 
 INPUT_PATH_KEYS = (
     "data.path", "split.path", "representation.adapter", "representation.checkpoint", "representation.vocab_dir",
-    "representation.cache_dir",
+    "representation.cache_dir", "gene_features.table",
 )
 OUTPUT_PATH_KEYS = ("output.run_dir",)
 
@@ -46,6 +47,8 @@ class DataConfig:
     `backed` leaves expression in the file and reads it per batch (memory bounded by the batch, for
     screens too large for memory; representation kinds expression and obsm). `counts` overrides the
     detection of raw counts: null detects, true requires X to be counts, false reads X as log-normalized.
+    `covariate_keys` names the obs column(s) of a covariate (cell line, stimulation) for the transfer task
+    (`perturbedvae transfer`, `perturbedvae.data.covariates`).
     """
 
     path: str | None = None
@@ -60,6 +63,7 @@ class DataConfig:
     n_de_genes: int = 20
     backed: bool = False
     counts: bool | None = None
+    covariate_keys: list[str] | None = None
 
 
 @dataclass
@@ -100,6 +104,21 @@ class RepresentationConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     embed_batch_size: int = 64
+
+
+@dataclass
+class GeneFeaturesConfig:
+    """Where the features of perturbation genes come from (see `perturbedvae.data.gene_features`).
+
+    With `sources` set, effects are a network of gene features, so held-out genes those sources cover are
+    predicted; `model.gene_feature_dim` is then the assembled width, derived, not set. `coexpression` (the
+    gene's row of a rank-`n_components` factor of the gene-gene correlation over the training cells),
+    `encoder` (the encoder's gene embeddings; representation.kind encoder), `table` (the file `table`).
+    """
+
+    sources: list[str] = field(default_factory=list)
+    n_components: int = 16
+    table: str | None = None
 
 
 @dataclass
@@ -150,6 +169,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     representation: RepresentationConfig = field(default_factory=RepresentationConfig)
+    gene_features: GeneFeaturesConfig = field(default_factory=GeneFeaturesConfig)
     model: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -166,8 +186,10 @@ class ExperimentConfig:
         """Build from a nested mapping; unknown keys and wrong types are ConfigErrors naming the key."""
         return _build(cls, values, prefix="")
 
-    def model_config(self, n_input: int, n_genes: int, n_perturbations: int) -> PerturbedVAEConfig:
-        return PerturbedVAEConfig(n_input=n_input, n_genes=n_genes, n_perturbations=n_perturbations, **self.model)
+    def model_config(self, n_input: int, n_genes: int, n_perturbations: int, gene_feature_dim: int | None = None) -> PerturbedVAEConfig:
+        """The head's config; `gene_feature_dim` is the width of the assembled gene features, when there are any."""
+        values = {**self.model, "gene_feature_dim": gene_feature_dim} if gene_feature_dim is not None else self.model
+        return PerturbedVAEConfig(n_input=n_input, n_genes=n_genes, n_perturbations=n_perturbations, **values)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -303,6 +325,10 @@ def _check_consistency(config: ExperimentConfig) -> None:
         raise ConfigError("representation.kind obsm needs representation.obsm_key, the obsm entry to read")
     if representation.kind == "encoder" and not representation.adapter:
         raise ConfigError("representation.kind encoder needs representation.adapter, the path of an adapter card")
+    _check_gene_features(config)
+    if data.covariate_keys and config.split.scheme != "transfer":
+        raise ConfigError("data.covariate_keys is read by the transfer task only (split.scheme transfer, perturbedvae transfer); "
+                          "other runs do not condition on covariates: remove it, or filter cells with data.obs_filter")
     positive = {
         "train.epochs": train.epochs,
         "train.batch_size": train.batch_size,
@@ -339,3 +365,30 @@ def _check_consistency(config: ExperimentConfig) -> None:
         raise ConfigError(f"train.held_out_fraction must lie in (0, 1), got {train.held_out_fraction}")
     if not 0 <= representation.lora_dropout < 1:
         raise ConfigError(f"representation.lora_dropout must lie in [0, 1), got {representation.lora_dropout}")
+
+
+def _check_gene_features(config: ExperimentConfig) -> None:
+    features, model = config.gene_features, config.model
+    sources = features.sources
+    if ("table" in sources) != (features.table is not None):
+        raise ConfigError("gene_features.table (a genes × features file) and the source 'table' go together: set both or neither")
+    if not sources:
+        if model["gene_feature_dim"] is not None:
+            raise ConfigError("model.gene_feature_dim is derived from the gene features: set gene_features.sources "
+                              f"(any of {', '.join(GENE_FEATURE_SOURCES)}, e.g. [encoder]) and remove model.gene_feature_dim")
+        return
+    unknown = [source for source in sources if source not in GENE_FEATURE_SOURCES]
+    if unknown:
+        close = close_matches(str(unknown[0]), GENE_FEATURE_SOURCES, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"gene_features.sources: unknown source {unknown[0]!r}{hint}; choose from {', '.join(GENE_FEATURE_SOURCES)}")
+    if len(set(sources)) != len(sources):
+        raise ConfigError("gene_features.sources names a source more than once")
+    if model["gene_feature_dim"] is not None:
+        raise ConfigError("model.gene_feature_dim is derived from gene_features.sources; remove it from the config")
+    if model["composition"] != "latent_sum":
+        raise ConfigError("gene_features need model.composition latent_sum (the mechanism design has no gene-feature network)")
+    if "encoder" in sources and config.representation.kind != "encoder":
+        raise ConfigError("gene_features source 'encoder' needs representation.kind encoder (its gene embeddings)")
+    if features.n_components < 1:
+        raise ConfigError(f"gene_features.n_components must be at least 1, got {features.n_components}")

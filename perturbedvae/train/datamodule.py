@@ -4,9 +4,9 @@ Training cells are the cells of the split's training conditions (control include
 `h` (the representation; for an encoder run inside the step, its `prepare` rows under
 `ENCODER_INPUTS_KEY` instead), `x` (the target: log-normalized expression for a gaussian head, raw counts for
 a negative-binomial one), `perturbations` (multi-hot over the perturbation vocabulary: the genes
-perturbed in training conditions, sorted) and, when counts exist, `library_size`. Rows are gathered from
-`PerturbationData.expression`/`counts` only when a batch is collated, and sparse rows are densified only
-then, so memory scales with the data's non-zeros in memory, and with the batch for backed data.
+perturbed in training conditions, and with gene features the held-out genes they describe, sorted) and,
+when counts exist, `library_size`. Rows are gathered from `PerturbationData.expression`/`counts` only
+when a batch is collated, and sparse rows are densified only then, so memory scales with the data's non-zeros in memory, and with the batch for backed data.
 
 The shuffling order is a pure function of (seed, epoch), which is what lets a resumed run replay
 exactly the batches an uninterrupted run would have seen.
@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from perturbedvae.data.conditions import CONTROL, genes_of
+from perturbedvae.data.gene_features import GeneFeatures
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.matrix import ExpressionRows
 from perturbedvae.data.splits import Split
@@ -94,6 +95,7 @@ class PerturbationDataModule:
         train_controls: Row numbers of the training control cells (predictions and reference controls start there).
         condition_multi_hot: Multi-hot of every condition of the data; a condition with a gene outside the
             vocabulary gets the control row, which never matters since only training cells are batched.
+        gene_features: Features of the vocabulary's genes (`gene_features.sources`), None without them.
     """
 
     data: PerturbationData
@@ -105,6 +107,7 @@ class PerturbationDataModule:
     train_cells: np.ndarray
     held_out_cells: np.ndarray
     reference_controls: int = 0
+    gene_features: GeneFeatures | None = None
 
     @classmethod
     def build(

@@ -48,6 +48,7 @@ from perturbedvae.train.representation import (
     head_of,
 )
 from perturbedvae.train.trainer import SELECTION_METRIC, Selection, Trainer, Validator, make_accelerator
+from perturbedvae.train.unseen_genes import check_test_predictable, with_gene_features
 
 MODEL_NAME = "perturbedvae"
 """Name of the head's predictions in metrics.json (baselines sit beside it under their own names)."""
@@ -140,24 +141,17 @@ def build_datamodule(config: ExperimentConfig, data: PerturbationData, split: Sp
     train_cells, _ = hold_out_cells(data, split.train, held_out_fraction, config.train.seed)
     representation = build_representation(config.representation, data, train_cells, run_dir)
     reference_controls = config.model["reference_controls"] if config.model["composition"] == "mechanism" else 0
-    return PerturbationDataModule.build(
+    datamodule = PerturbationDataModule.build(
         data, split, representation, config.model["likelihood"], held_out_fraction=held_out_fraction, seed=config.train.seed,
         reference_controls=reference_controls,
     )
+    return with_gene_features(config, datamodule)
 
 
-def gene_features(config: ExperimentConfig, datamodule: PerturbationDataModule) -> torch.Tensor | None:
-    """Per-perturbation-gene features from the encoder, for heads with `model.gene_feature_dim`."""
-    if config.model["gene_feature_dim"] is None:
-        return None
-    encoder = datamodule.representation.encoder
-    features = encoder.gene_embeddings(datamodule.perturbation_genes) if encoder is not None else None
-    if features is None:
-        raise ConfigError(
-            "model.gene_feature_dim needs gene embeddings from a cell encoder (representation.kind encoder "
-            "with an encoder that has them); remove model.gene_feature_dim otherwise"
-        )
-    return features
+def gene_features(datamodule: PerturbationDataModule) -> torch.Tensor | None:
+    """The feature matrix of the vocabulary's genes, for a head with a gene-feature network."""
+    features = datamodule.gene_features
+    return None if features is None else torch.from_numpy(features.values)
 
 
 class ConditionScorer:
@@ -250,6 +244,7 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
     split = Split.load(layout.split) if resume and layout.split.is_file() else load_or_make_split(config.split, data)
     with accelerator.main_process_first():  # the main process fills the embedding cache, the others read it
         datamodule = build_datamodule(config, data, split, layout.root if resume and layout.representation.is_file() else None)
+    check_test_predictable(config, datamodule)
     if accelerator.is_main_process:
         config.save(layout.config)
         split.save(layout.split)
@@ -259,7 +254,7 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
     mechanism = config.model["composition"] == "mechanism"
     initialize = (lambda head: initialize_head(head, datamodule, config.train.seed)) if mechanism else None
     calibrate = (lambda head: calibrate_head(head, datamodule)) if mechanism else None
-    trainer = Trainer(config, datamodule, layout.root, validator, gene_features(config, datamodule), accelerator, selection,
+    trainer = Trainer(config, datamodule, layout.root, validator, gene_features(datamodule), accelerator, selection,
                       initialize, calibrate)
     result = trainer.fit(resume=resume)
     if accelerator.is_main_process:
@@ -270,13 +265,20 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
             save_adapters(datamodule.representation.encoder, layout.adapters)
         test_scorer = ConditionScorer(datamodule, split.test, split.test_subgroups, config.data.de_method, config.data.n_de_genes, controls)
         run_info = {**result.run_info, "latent": _latent_record(trainer, head, datamodule, config.train.seed, initialize), "data_fingerprint": data.fingerprint, "n_train_cells": len(datamodule.train_cells),
-                    "unpredictable_val_conditions": unpredictable_val, "unpredictable_test_conditions": test_scorer.skipped}
+                    "unpredictable_val_conditions": unpredictable_val, "unpredictable_test_conditions": test_scorer.skipped,
+                    "gene_features": _feature_record(datamodule)}
         if test_scorer.conditions:
             summary, tidy = compare(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(result.module)})
             write_metrics(summary, tidy, layout.root)
         layout.run_info.write_text(json.dumps(run_info, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return layout.root
+
+
+def _feature_record(datamodule: PerturbationDataModule) -> dict | None:
+    """Which source described each perturbation gene, and the width of each block (None without gene features)."""
+    features = datamodule.gene_features
+    return None if features is None else {"columns": dict(features.columns), "sources_of": features.sources_of}
 
 
 def _latent_record(trainer: Trainer, head, datamodule: PerturbationDataModule, seed: int, initialize) -> dict:
