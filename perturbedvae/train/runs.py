@@ -3,7 +3,7 @@
     <run_dir>/config.yaml        the full experiment config (absolute paths), enough to redo the run
     <run_dir>/split.json         the split it trained on
     <run_dir>/representation.npz the PCA basis of the inputs (only for representation.n_components)
-    <run_dir>/model/             the head, `PerturbedVAE.save_pretrained`
+    <run_dir>/model/             the head, `PerturbedVAEHead.save_pretrained`
     <run_dir>/adapters/          LoRA adapters of the encoder (representation.finetune lora), PEFT format
     <run_dir>/log.jsonl          one line per epoch: losses, loss weights, validation metrics
     <run_dir>/metrics.json       final evaluation on the test conditions (+ the evaluator's tidy table)
@@ -34,7 +34,7 @@ from perturbedvae.data.splits import ROLES, Split, make_split
 from perturbedvae.encoders.lora import save_adapters
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
 from perturbedvae.evaluate import Evaluator, Predictions, compare, write_metrics
-from perturbedvae.model import PerturbedVAE
+from perturbedvae.model import PerturbedVAEHead
 from perturbedvae.train.config import DataConfig, ExperimentConfig, SplitConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule, dense_rows, hold_out_cells, is_predictable
 from perturbedvae.train.diagnostics import latent_diagnostics
@@ -265,7 +265,7 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
     if accelerator.is_main_process:
         head = head_of(result.module)
         finalize_head(head, datamodule)
-        PerturbedVAE(head.config, head, datamodule.perturbation_genes, data.genes).save_pretrained(layout.model)
+        PerturbedVAEHead(head.config, head, datamodule.perturbation_genes, data.genes).save_pretrained(layout.model)
         if datamodule.representation.finetune:
             save_adapters(datamodule.representation.encoder, layout.adapters)
         test_scorer = ConditionScorer(datamodule, split.test, split.test_subgroups, config.data.de_method, config.data.n_de_genes, controls)
@@ -364,7 +364,7 @@ class LoadedRun:
     run_dir: Path
     config: ExperimentConfig
     split: Split
-    model: PerturbedVAE
+    model: PerturbedVAEHead
     datamodule: PerturbationDataModule
     predictor: torch.nn.Module
 
@@ -420,7 +420,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     data = load_data(config.data)
     split = Split.load(layout.split)
     datamodule = build_datamodule(config, data, split, layout.root)
-    model = PerturbedVAE.from_pretrained(layout.model)
+    model = PerturbedVAEHead.from_pretrained(layout.model)
     if model.perturbation_genes != datamodule.perturbation_genes or model.gene_names != data.genes:
         raise CheckpointError(f"{layout.model} does not match the data its config names (other genes or vocabulary); was the data file changed?")
     return LoadedRun(layout.root, config, split, model, datamodule, attach_encoder(datamodule.representation, model.module))
