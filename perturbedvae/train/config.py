@@ -61,6 +61,18 @@ class DataConfig:
     backed: bool = False
     counts: bool | None = None
 
+    def require_source(self) -> None:
+        """Fail unless the config names its data: a model trained on an in-memory AnnData saves no path.
+
+        Raises:
+            ConfigError: naming both ways to give the data.
+        """
+        if self.path is None and self.synthetic is None:
+            raise ConfigError(
+                "set exactly one of data.path (an .h5ad file) and data.synthetic (simulation settings); a model "
+                "trained from an in-memory AnnData names neither: load it with perturbedvae.PerturbedVAE.load(dir, data)"
+            )
+
 
 @dataclass
 class SplitConfig:
@@ -297,7 +309,7 @@ def _complete_model_section(model: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_consistency(config: ExperimentConfig) -> None:
     data, representation, train = config.data, config.representation, config.train
-    if (data.path is None) == (data.synthetic is None):
+    if data.path is not None and data.synthetic is not None:
         raise ConfigError("set exactly one of data.path (an .h5ad file) and data.synthetic (simulation settings)")
     if representation.kind == "obsm" and not representation.obsm_key:
         raise ConfigError("representation.kind obsm needs representation.obsm_key, the obsm entry to read")
