@@ -49,15 +49,6 @@ def _add_data_options(parser: argparse.ArgumentParser, positional: bool = True) 
                         help="X is log-normalized even if integral; use no raw counts")
 
 
-def _names_a_dataset(text: str) -> bool:
-    """Whether `text` is read as a dataset name: a registered one, or a bare word (no folder, no extension)
-    that is no file, so that a mistyped name is answered with the known names rather than "no such file"."""
-    from perturbedvae import datasets
-
-    path = Path(text)
-    return not path.exists() and (text in datasets.REGISTRY or (not path.suffix and path.name == text))
-
-
 def _load_data(args: argparse.Namespace):
     from perturbedvae import datasets
     from perturbedvae.data.loading import load_dataset
@@ -73,7 +64,7 @@ def _load_data(args: argparse.Namespace):
         "counts": args.counts,
     }
     options = {key: value for key, value in options.items() if value is not None}
-    if _names_a_dataset(args.data):
+    if datasets.names_a_dataset(args.data):
         return datasets.load(args.data, **options)
     return load_dataset(args.data, **options)
 

@@ -111,6 +111,13 @@ def path(name: str, download: bool = True) -> Path:
     return location
 
 
+def names_a_dataset(text: str) -> bool:
+    """Whether `text` is read as a dataset name: a registered one, or a bare word (no folder, no extension)
+    that is no file, so that a mistyped name is answered with the known names rather than "no such file"."""
+    path = Path(text)
+    return not path.exists() and (text in REGISTRY or (not path.suffix and path.name == text))
+
+
 def load(name: str, download: bool = True, **overrides: Any) -> PerturbationData:
     """Load a named dataset with its registered reading options (overridable)."""
     kwargs = {**info(name).load_kwargs, **overrides}
