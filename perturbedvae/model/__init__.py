@@ -19,7 +19,7 @@ __all__ = [
     "LossWeights",
     "NegativeBinomialOutput",
     "PerturbationOutput",
-    "PerturbedVAEHead",
     "PerturbedVAEConfig",
+    "PerturbedVAEHead",
     "PerturbedVAEModule",
 ]
