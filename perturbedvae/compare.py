@@ -23,7 +23,6 @@ the run directories under `runs/<variant>/seed_<seed>/`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.metadata
 import json
 import os
@@ -46,7 +45,7 @@ import yaml
 from perturbedvae.data.conditions import genes_of
 from perturbedvae.data.de import DEGenes, compute_de_genes
 from perturbedvae.data.loading import PerturbationData
-from perturbedvae.errors import ConfigError
+from perturbedvae.errors import ConfigError, did_you_mean
 from perturbedvae.evaluate import plots
 from perturbedvae.evaluate.baselines import BASELINES, predict_baselines
 from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
@@ -180,9 +179,7 @@ def _check_keys(values: object, allowed: Sequence[str], where: str) -> None:
         raise ConfigError(f"{where} must be a mapping, got {values!r}")
     for key in values:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), list(allowed), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f"; valid keys: {', '.join(allowed)}"
-            raise ConfigError(f"unknown key {key!r} in {where}{hint}")
+            raise ConfigError(f"unknown key {key!r} in {where}{did_you_mean(key, allowed)}")
 
 
 def _override_strings(values: object, base: Path, where: str) -> list[str]:

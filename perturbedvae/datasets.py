@@ -22,7 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from perturbedvae.data.loading import PerturbationData, load_dataset
-from perturbedvae.errors import DataError, close_matches
+from perturbedvae.errors import DataError, did_you_mean
 
 DATA_DIR_ENV = "PERTURBEDVAE_DATA_DIR"
 CACHE_DIR_ENV = "PERTURBEDVAE_CACHE_DIR"
@@ -85,9 +85,7 @@ def cache_dir() -> Path:
 
 def info(name: str) -> DatasetInfo:
     if name not in REGISTRY:
-        close = close_matches(name, REGISTRY, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise DataError(f"unknown dataset {name!r}{hint}; known: {', '.join(sorted(REGISTRY))}, or give an .h5ad path")
+        raise DataError(f"unknown dataset {name!r}{did_you_mean(name, REGISTRY, listing=None)}; known: {', '.join(sorted(REGISTRY))}, or give an .h5ad path")
     return REGISTRY[name]
 
 

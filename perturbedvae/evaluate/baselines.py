@@ -201,7 +201,7 @@ class Baseline:
 
     def __init__(self, name: str) -> None:
         if name not in BASELINES:
-            raise ConfigError(f"unknown baseline {name!r}{did_you_mean(name, BASELINES)}")
+            raise ConfigError(f"unknown baseline {name!r}{did_you_mean(name, BASELINES, listing='baselines')}")
         self.name = name
         self._fitted: tuple[PerturbationData, list[str]] | None = None
 

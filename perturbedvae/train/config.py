@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from perturbedvae.errors import ConfigError, close_matches
+from perturbedvae.errors import ConfigError, did_you_mean
 from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.yaml_files import parse_value, read_yaml_mapping
 
@@ -245,9 +245,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     names = [item.name for item in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
-            close = close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+            raise ConfigError(f"unknown config key {prefix}{key}{did_you_mean(key, names, prefix)}")
     kwargs = {}
     for key, value in values.items():
         kind = hints[key]
@@ -296,9 +294,7 @@ def _complete_model_section(model: Mapping[str, Any]) -> dict[str, Any]:
         if key in DERIVED_MODEL_FIELDS:
             raise ConfigError(f"model.{key} is derived from the data; remove it from the config")
         if key not in fields:
-            close = close_matches(str(key), fields, n=1)
-            hint = f" (did you mean model.{close[0]}?)" if close else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"unknown config key model.{key}{hint}")
+            raise ConfigError(f"unknown config key model.{key}{did_you_mean(key, fields, 'model.')}")
     completed = {name: model.get(name, item.default) for name, item in fields.items()}
     try:
         PerturbedVAEConfig(n_input=1, n_genes=1, n_perturbations=1, **completed)
