@@ -11,7 +11,6 @@ differs is refused.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.request
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from perturbedvae.data.loading import PerturbationData, load_dataset
 from perturbedvae.errors import DataError, did_you_mean
+from perturbedvae.files import file_digest
 
 DATA_DIR_ENV = "PERTURBEDVAE_DATA_DIR"
 CACHE_DIR_ENV = "PERTURBEDVAE_CACHE_DIR"
@@ -120,14 +120,6 @@ def load(name: str, download: bool = True, **overrides: Any) -> PerturbationData
     """Load a named dataset with its registered reading options (overridable)."""
     kwargs = {**info(name).load_kwargs, **overrides}
     return load_dataset(path(name, download=download), **kwargs)
-
-
-def file_digest(file: Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
-    digest = hashlib.new(algorithm)
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_checksum(file: Path, expected: str | None) -> None:
