@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from perturbedvae.errors import ConfigError, PerturbedVAEError
+from perturbedvae.processes import is_main_process
 from perturbedvae.yaml_files import parse_value
 
 
@@ -129,13 +130,11 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
-
     from perturbedvae.train.config import load_config
     from perturbedvae.train.runs import train_from_config
 
     run_dir = train_from_config(load_config(args.config, args.overrides), resume=args.resume)
-    if PartialState().is_main_process:
+    if is_main_process():
         print(f"run written to {run_dir}")
 
 
@@ -151,23 +150,19 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
-
     from perturbedvae.compare import run_compare
 
     out = run_compare(args.config, args.overrides)
-    if PartialState().is_main_process:
+    if is_main_process():
         print(f"report written to {out / 'report.md'} and {out / 'report.html'}")
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
-
     from perturbedvae.benchmark import run_benchmark
 
     result = run_benchmark(args.config, args.protocol, args.seeds, args.out, args.overrides, n_folds=args.n_folds,
                            n_bootstrap=args.bootstrap)
-    if PartialState().is_main_process:
+    if is_main_process():
         print((Path(args.out) / "benchmark.md").read_text())
         print(f"wrote {Path(args.out) / 'benchmark.md'}, benchmark.csv, verdicts.csv and benchmark.png ({len(result.tidy)} scores)")
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
-import os
 import platform
 import resource
 import shlex
@@ -57,6 +56,7 @@ from perturbedvae.evaluate.report import (
     seed_statistics,
     seed_summary_frame,
 )
+from perturbedvae.processes import is_main_process
 from perturbedvae.train.config import (
     INPUT_PATH_KEYS,
     ExperimentConfig,
@@ -209,10 +209,8 @@ def train_and_predict(config: ExperimentConfig) -> TestPredictions | None:
 
     Test conditions with a gene outside the head's perturbation vocabulary are left out of the groups.
     """
-    from accelerate import PartialState
-
     run_dir = train_from_config(config)
-    if not PartialState().is_main_process:
+    if not is_main_process():
         return None
     run = load_run(run_dir)
     info = json.loads((run_dir / "run_info.json").read_text())
@@ -409,12 +407,12 @@ def run_compare(config_path: str | Path, overrides: Sequence[str] = ()) -> Path:
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse to mix two comparisons in one directory; the main process clears it when asked to.
 
-    Reads the launcher's RANK instead of asking Accelerate: no Accelerator exists yet (see make_accelerator).
+    No Accelerator exists yet, so `is_main_process` reads the launcher's RANK.
     """
     existing = [out / name for name in ("report.md", "report.html", "metrics.csv", "figures", "runs") if (out / name).exists()]
     if existing and not overwrite:
         raise ConfigError(f"{out} already holds a comparison; choose another compare.out_dir or pass compare.overwrite=true")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         for path in existing:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
