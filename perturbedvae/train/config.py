@@ -46,6 +46,20 @@ class DataConfig:
     `backed` leaves expression in the file and reads it per batch (memory bounded by the batch, for
     screens too large for memory; representation kinds expression and obsm). `counts` overrides the
     detection of raw counts: null detects, true requires X to be counts, false reads X as log-normalized.
+
+    Attributes:
+        path: The .h5ad file (relative to the config file).
+        synthetic: Fields of `perturbedvae.data.synthetic.SimulationConfig`: a screen simulated in memory.
+        condition_key: obs column holding each cell's condition.
+        control_labels: Labels of control cells (default `control`, `ctrl`, `non-targeting`).
+        delimiter: Separator of the genes of a combination.
+        obs_filter: Keep only cells whose obs columns equal these values, e.g. `{dataset: norman19}`.
+        n_top_genes: Keep this many highly variable genes, plus every measured perturbed gene.
+        gene_symbol_key: var column with gene symbols to use as gene names (default: var_names).
+        de_method: Test ranking the DE genes of the `_de` metrics: `t-test` or `wilcoxon`.
+        n_de_genes: Number of DE genes per condition in the `_de` metrics.
+        backed: Leave expression in the file and read it per batch or chunk.
+        counts: Raw counts in X: null detects, true requires them, false reads X as log-normalized.
     """
 
     path: str | None = None
@@ -76,7 +90,14 @@ class DataConfig:
 
 @dataclass
 class SplitConfig:
-    """How conditions are split: a scheme of `make_split` with its params, or a saved split.json (`path`)."""
+    """How conditions are split: a scheme of `make_split` with its params, or a saved split.json (`path`).
+
+    Attributes:
+        scheme: `doubles`, `gears`, `custom`, `lodo`, `kfold` or `singles_only`.
+        seed: Seed of the scheme's random draws.
+        params: The scheme's parameters, e.g. `{test_fraction: 0.4, unseen_combos: train}`, `{column: split}`.
+        path: A split.json to use instead (`perturbedvae split ... --out`).
+    """
 
     scheme: str = "doubles"
     seed: int = 1
@@ -97,6 +118,21 @@ class RepresentationConfig:
     `cache_embeddings: false` runs the frozen backbone inside every training step instead (slower; it
     exists to measure what the cache saves). `finetune: lora` trains rank-`lora_r` adapters on the
     card's target modules together with the head, end to end.
+
+    Attributes:
+        kind: `expression`, `obsm` or `encoder`.
+        n_components: Principal components of the training cells' expression (kind expression; null: all genes).
+        obsm_key: The `adata.obsm` entry to read (kind obsm).
+        adapter: Adapter card of the encoder (kind encoder), e.g. adapters/geneformer-v1.yaml.
+        checkpoint: Encoder weights directory (default: the card's).
+        vocab_dir: Vocabulary directory (default: the card's rules, then `../shared/vocab`).
+        finetune: `frozen` (embeddings cached once) or `lora` (adapters trained with the head).
+        cache_dir: Embedding cache of frozen encoders (default ~/.cache/perturbedvae/embeddings).
+        cache_embeddings: Read frozen embeddings from the cache (false: run the backbone in every step).
+        lora_r: Rank of the LoRA adapters.
+        lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).
+        lora_dropout: Dropout on the LoRA path.
+        embed_batch_size: Cells per encoder call when embedding or predicting.
     """
 
     kind: Literal["expression", "obsm", "encoder"] = "expression"
@@ -129,6 +165,24 @@ class TrainConfig:
     condition leaves training; each condition's counterfactual prediction is scored by its mean squared
     error against their mean) or "last" (the last epoch: a fixed epoch count). With one or two
     validation combinations the first stops by noise; the benchmark uses the second.
+
+    Attributes:
+        epochs: Epochs at most (early stopping may end sooner).
+        batch_size: Training cells per batch (per process).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        kl_warmup_epochs: Epochs over which the KL weight rises linearly from 0.
+        sparsity_warmup_epochs: Epochs over which the mask sparsity weight rises linearly from 0.
+        mixed_precision: `no`, `bf16` or `fp16`; null takes the launcher's setting.
+        gradient_accumulation_steps: Batches per optimizer step.
+        seed: Seed of initialisation, batch order, held-out cells and control cells.
+        early_stopping_patience: Stop after this many evaluations without improvement (null: never).
+        eval_every: Epochs between validations.
+        checkpoint_every: Epochs between Accelerate checkpoints (0: none).
+        max_grad_norm: Gradient norm clipping (null: no clipping).
+        n_control_cells: Control cells every counterfactual prediction starts from.
+        selection: How the kept epoch is chosen: `val_conditions`, `held_out_cells` or `last`.
+        held_out_fraction: Fraction of each training condition's cells held out (selection held_out_cells).
     """
 
     epochs: int = 20
@@ -151,6 +205,13 @@ class TrainConfig:
 
 @dataclass
 class OutputConfig:
+    """Where a run is written.
+
+    Attributes:
+        run_dir: The run directory (relative to where the run is launched).
+        overwrite: Replace a finished run in `run_dir` (otherwise refused).
+    """
+
     run_dir: str = "runs/run"
     overwrite: bool = False
 
