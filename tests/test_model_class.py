@@ -22,7 +22,7 @@ from perturbedvae.errors import CheckpointError, ConditionError, ConfigError, Da
 from perturbedvae.evaluate.evaluator import compare
 from perturbedvae.evaluate.predictions import Predictor
 from perturbedvae.train.config import load_config
-from perturbedvae.train.runs import MODEL_NAME, ConditionScorer
+from perturbedvae.train.runs import MODEL_NAME, ConditionScorer, predict_conditions
 from tests.conftest import make_toy_adata
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +179,15 @@ def test_the_cli_and_the_notebook_class_give_identical_metrics(tmp_path: Path) -
     assert main(["train", "--config", str(TINY), *overrides]) == 0
     AcceleratorState._reset_state(reset_partial_state=True)
     _assert_same_metrics(_run_metrics(tmp_path / "cli"), _notebook_metrics(TINY, overrides))
+
+    # the CLI's run directory as a model object: it predicts as `perturbedvae predict` does, and saves self-contained
+    from_run = pv.PerturbedVAE.from_run(tmp_path / "cli")
+    conditions = [name for name in from_run.split.test if from_run.can_predict(name)]
+    expected = predict_conditions(tmp_path / "cli", conditions).means
+    np.testing.assert_allclose(from_run.predict(conditions).means.to_numpy(), expected.to_numpy(), atol=1e-6)
+    assert [record["epoch"] for record in from_run.history] == [1, 2]
+    loaded = pv.PerturbedVAE.load(from_run.save(tmp_path / "saved"), from_run.data)
+    np.testing.assert_allclose(loaded.predict(conditions).means.to_numpy(), expected.to_numpy(), atol=1e-6)
 
 
 @pytest.mark.slow

@@ -33,7 +33,15 @@ from perturbedvae.evaluate.predictions import Predictions
 from perturbedvae.train.config import ExperimentConfig, RepresentationConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule, is_predictable
 from perturbedvae.train.predict import predict_from_controls
-from perturbedvae.train.runs import build_datamodule, checked_conditions, fit_head, load_data, load_or_make_split
+from perturbedvae.train.runs import (
+    RunLayout,
+    build_datamodule,
+    checked_conditions,
+    fit_head,
+    load_data,
+    load_or_make_split,
+    load_run,
+)
 from perturbedvae.train.trainer import make_accelerator
 
 DEFAULT_REPRESENTATION: dict[str, Any] = {"kind": "expression", "n_components": 50}
@@ -149,13 +157,24 @@ class PerturbedVAE:
         config = config if isinstance(config, ExperimentConfig) else load_config(config)
         data = data if data is not None else load_data(config.data)
         model = cls(data, load_or_make_split(config.split, data), representation=config.representation)
-        reading = ("de_method", "n_de_genes")
-        model._sections.update(
-            data={key: getattr(config.data, key) for key in reading},
-            model=dict(config.model),
-            train={**dataclasses.asdict(config.train), "checkpoint_every": 0},  # checkpoints change no weight
-        )
+        model._sections.update(settings_of(config))
+        model._sections["train"]["checkpoint_every"] = 0  # checkpoints change no weight
         model._check_settings()
+        return model
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> PerturbedVAE:
+        """A finished `perturbedvae train` run directory as a model object (its data read as its config says).
+
+        It predicts exactly as `perturbedvae predict RUN_DIR` does, and `save` makes it one self-contained folder.
+        """
+        run = load_run(run_dir)
+        layout = RunLayout(Path(run_dir))
+        controls = run.datamodule.control_cells(run.config.train.n_control_cells, run.config.train.seed)
+        run_info = json.loads(layout.run_info.read_text()) if layout.run_info.is_file() else {}
+        state = TrainedState(run.config, run.datamodule, run.predictor, controls, _read_log(layout.log), run_info)
+        model = cls(run.datamodule.data, run.split, representation=run.config.representation)
+        model._restore(settings_of(run.config), state)
         return model
 
     # --- settings --------------------------------------------------------------------------------------
@@ -296,6 +315,15 @@ class PerturbedVAE:
         """Adopt a saved model's settings and trained state (used by `load`)."""
         self._sections.update({key: dict(value) for key, value in sections.items()})
         self._state = state
+
+
+def settings_of(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """The sections of a model's settings an experiment config fixes (its data and split come separately)."""
+    return {
+        "data": {key: getattr(config.data, key) for key in ("de_method", "n_de_genes")},
+        "model": dict(config.model),
+        "train": dataclasses.asdict(config.train),
+    }
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:

@@ -16,7 +16,6 @@ card and weights, which must stay where they are.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from collections.abc import Sequence
@@ -88,7 +87,7 @@ def save_model(model: PerturbedVAE, directory: Path, overwrite: bool = False) ->
 
 def load_model(cls: type[PerturbedVAE], directory: Path, data: PerturbationData) -> PerturbedVAE:
     """Read a directory written by `save_model`, predicting from `data` (see the module docstring)."""
-    from perturbedvae.api.model import TrainedState
+    from perturbedvae.api.model import TrainedState, settings_of
 
     manifest = read_manifest(directory)
     head = PerturbedVAEHead.from_pretrained(directory / HEAD_DIR)
@@ -102,8 +101,7 @@ def load_model(cls: type[PerturbedVAE], directory: Path, data: PerturbationData)
     state = TrainedState(config, datamodule, attach_encoder(datamodule.representation, head.module), controls,
                          manifest.get("history", []), manifest.get("run_info", {}))
     model = cls(data, split, representation=config.representation)
-    model._restore({"data": {"de_method": config.data.de_method, "n_de_genes": config.data.n_de_genes},
-                    "model": config.model, "train": dataclasses.asdict(config.train)}, state)
+    model._restore(settings_of(config), state)
     return model
 
 
