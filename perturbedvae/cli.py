@@ -139,11 +139,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from perturbedvae.train.runs import predict_conditions
+    from perturbedvae.api.model import PerturbedVAE
 
     conditions = [text.strip() for text in args.conditions.split(",")]
-    predictions = predict_conditions(args.run_dir, conditions, per_cell=args.per_cell or args.sample_seed is not None,
-                                     sample_seed=args.sample_seed)
+    predictions = PerturbedVAE.from_run(args.run_dir).predict(conditions, per_cell=args.per_cell, sample_seed=args.sample_seed)
     predictions.write_h5ad(args.out)
     row = "condition" if predictions.cells is None else ("sampled cell" if args.sample_seed is not None else "cell")
     print(f"wrote {args.out}: predictions for {len(predictions.conditions)} conditions (one row per {row})")
