@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
-from perturbedvae.model import PerturbedVAEHead, PerturbedVAEConfig, PerturbedVAEModule
+from perturbedvae.model import PerturbedVAEConfig, PerturbedVAEHead, PerturbedVAEModule
 from perturbedvae.model.pretrained import CONFIG_FILE, GENE_FEATURES_FILE, VOCAB_FILE, WEIGHTS_FILE
 
 PERTURBATION_GENES = ["KLF1", "CEBPA", "CEBPB", "SET"]
