@@ -136,6 +136,27 @@ def test_a_saved_model_moved_elsewhere_loads_and_predicts_with_only_the_data(toy
         pv.PerturbedVAE.load(moved, data)
 
 
+def test_a_saved_encoder_model_keeps_a_copy_of_its_card(toy, tmp_path: Path) -> None:
+    adata, _, _ = toy
+    adata.obsm["X_emb"] = np.random.default_rng(0).normal(size=(adata.n_obs, 6)).astype(np.float32)
+    data = pv.load_dataset(adata)
+    split = pv.splits.doubles(data, seed=1)
+    card = tmp_path / "cards" / "mine.yaml"
+    card.parent.mkdir()
+    card.write_text("kind: precomputed\nobsm_key: X_emb\n")
+    representation = {"kind": "encoder", "adapter": str(card), "cache_dir": str(tmp_path / "cache")}
+    model = pv.PerturbedVAE(data, split, representation=representation, n_latent=4, n_hidden=16).train(max_epochs=1)
+    expected = model.predict(split.test).means
+    model.save(tmp_path / "saved")
+    shutil.rmtree(card.parent)
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "saved", moved)
+    assert (moved / "adapter_card.yaml").read_text() == "kind: precomputed\nobsm_key: X_emb\n"
+    loaded = pv.PerturbedVAE.load(moved, data)
+    assert loaded.config.representation.adapter == str(moved.resolve() / "adapter_card.yaml")
+    np.testing.assert_allclose(loaded.predict(split.test).means.to_numpy(), expected.to_numpy(), atol=1e-6)
+
+
 def test_models_and_baselines_share_one_interface(toy) -> None:
     _, data, split = toy
     model = _toy_model(data, split)

@@ -6,16 +6,19 @@
     <dir>/split.json               the split: training cells and the perturbation vocabulary come from it
     <dir>/head/                    the head (`PerturbedVAEHead.save_pretrained`: config, safetensors, vocabulary)
     <dir>/representation.npz       the PCA basis of a PCA representation
+    <dir>/adapter_card.yaml        the encoder's adapter card, copied (encoder representations)
     <dir>/adapters/                LoRA adapters of a fine-tuned encoder (PEFT format)
 
 The data is given back on loading, as scvi-tools' `load(dir, adata)` takes it, and is checked against
 the model: the same genes in the same order, the control cells present. Nothing in the directory is an
-absolute path to the data, so it works after being moved or copied; an encoder representation names its
-card and weights, which must stay where they are.
+absolute path to the data, so it works after being moved or copied. An encoder representation keeps a
+copy of its card; the encoder's weights and vocabulary files (often gigabytes, shared by many models) are
+named by absolute path in config.yaml and must stay where they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Sequence
@@ -28,11 +31,12 @@ from perturbedvae import __version__
 from perturbedvae.data.conditions import CONTROL
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.splits import Split
+from perturbedvae.encoders import CellEncoder
 from perturbedvae.encoders.lora import save_adapters
 from perturbedvae.errors import CheckpointError, ConfigError, DataError
 from perturbedvae.model import PerturbedVAEHead
-from perturbedvae.train.config import load_config
-from perturbedvae.train.representation import attach_encoder, head_of
+from perturbedvae.train.config import ExperimentConfig, load_config
+from perturbedvae.train.representation import ADAPTERS_DIR, attach_encoder, head_of
 from perturbedvae.train.runs import build_datamodule
 
 if TYPE_CHECKING:
@@ -44,6 +48,7 @@ MANIFEST_FILE = "perturbedvae_model.json"
 CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.json"
 HEAD_DIR = "head"
+CARD_FILE = "adapter_card.yaml"
 
 
 def save_model(model: PerturbedVAE, directory: Path, overwrite: bool = False) -> Path:
@@ -54,22 +59,25 @@ def save_model(model: PerturbedVAE, directory: Path, overwrite: bool = False) ->
     """
     state = model.state
     data = state.datamodule.data
-    if directory.exists() and any(directory.iterdir()):
-        if not overwrite or not (directory / MANIFEST_FILE).is_file():
-            raise ConfigError(f"{directory} is not empty; choose a new folder (or overwrite=True to replace a saved model)")
-        shutil.rmtree(directory)
+    representation = state.datamodule.representation
+    config, card = _config_to_save(state.config, representation.encoder)  # before an old folder is replaced
     names = pd.Index(data.adata.obs_names)
     if not names.is_unique:
         raise ConfigError("the data's cell names (obs_names) repeat, so the control cells cannot be named; "
                           "call adata.obs_names_make_unique() before loading the data")
+    if directory.exists() and any(directory.iterdir()):
+        if not overwrite or not (directory / MANIFEST_FILE).is_file():
+            raise ConfigError(f"{directory} is not empty; choose a new folder (or overwrite=True to replace a saved model)")
+        shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
     head = head_of(state.predictor)
     PerturbedVAEHead(head.config, head, state.datamodule.perturbation_genes, data.genes).save_pretrained(directory / HEAD_DIR)
-    representation = state.datamodule.representation
     representation.save(directory)
     if representation.finetune:
-        save_adapters(representation.encoder, directory / "adapters")
-    state.config.save(directory / CONFIG_FILE)
+        save_adapters(representation.encoder, directory / ADAPTERS_DIR)
+    config.save(directory / CONFIG_FILE)
+    if card is not None:
+        (directory / CARD_FILE).write_bytes(card)
     state.datamodule.split.save(directory / SPLIT_FILE)
     manifest = {
         "format": FORMAT,
@@ -83,6 +91,25 @@ def save_model(model: PerturbedVAE, directory: Path, overwrite: bool = False) ->
     }
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     return directory
+
+
+def _config_to_save(config: ExperimentConfig, encoder: CellEncoder | None) -> tuple[ExperimentConfig, bytes | None]:
+    """The config naming the encoder's card by `CARD_FILE` inside the saved folder, and the card's bytes.
+
+    The copy is byte for byte, so the encoder's fingerprint, and with it the embedding cache entry, stays the
+    same; the vocabulary directory and weights the card resolved to are pinned by absolute path.
+    """
+    card = getattr(encoder, "card", None)
+    if config.representation.kind != "encoder" or card is None or card.source is None:
+        return config, None
+    checkpoint = config.representation.checkpoint or card.checkpoint
+    representation = dataclasses.replace(
+        config.representation,
+        adapter=CARD_FILE,
+        vocab_dir=str(Path(card.vocab_dir).resolve()) if card.vocab_files else config.representation.vocab_dir,
+        checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None,
+    )
+    return dataclasses.replace(config, representation=representation), Path(card.source).read_bytes()
 
 
 def load_model(cls: type[PerturbedVAE], directory: Path, data: PerturbationData) -> PerturbedVAE:
