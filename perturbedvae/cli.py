@@ -41,6 +41,8 @@ def _add_data_options(parser: argparse.ArgumentParser, positional: bool = True) 
     group.add_argument("--obs-filter", nargs="*", default=[], metavar="COLUMN=VALUE", help="keep only matching cells")
     group.add_argument("--gene-symbol-key", default=None, help="var column with gene symbols")
     group.add_argument("--min-cells", type=int, default=10, help="warn for conditions with fewer cells")
+    group.add_argument("--n-top-genes", type=int, default=None,
+                       help="keep this many highly variable genes, plus every measured perturbed gene")
     group.add_argument("--backed", action="store_true", default=None,
                        help="leave expression in the file and read it in chunks (screens larger than memory)")
     counts = group.add_mutually_exclusive_group()
@@ -61,6 +63,7 @@ def _load_data(args: argparse.Namespace):
         "obs_filter": _key_values(args.obs_filter) or None,
         "gene_symbol_key": args.gene_symbol_key,
         "min_cells": args.min_cells,
+        "n_top_genes": args.n_top_genes,
         "backed": args.backed,
         "counts": args.counts,
     }

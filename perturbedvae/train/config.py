@@ -55,6 +55,7 @@ class DataConfig:
         delimiter: Separator of the genes of a combination.
         obs_filter: Keep only cells whose obs columns equal these values, e.g. `{dataset: norman19}`.
         n_top_genes: Keep this many highly variable genes, plus every measured perturbed gene.
+        min_cells: Conditions with fewer cells get a warning (their metrics are noisy).
         gene_symbol_key: var column with gene symbols to use as gene names (default: var_names).
         de_method: Test ranking the DE genes of the `_de` metrics: `t-test` or `wilcoxon`.
         n_de_genes: Number of DE genes per condition in the `_de` metrics.
@@ -69,6 +70,7 @@ class DataConfig:
     delimiter: str = "+"
     obs_filter: dict[str, Any] | None = None
     n_top_genes: int | None = None
+    min_cells: int = 10
     gene_symbol_key: str | None = None
     de_method: str = "t-test"
     n_de_genes: int = 20
@@ -396,6 +398,7 @@ def _check_consistency(config: ExperimentConfig) -> None:
         "train.sparsity_warmup_epochs": train.sparsity_warmup_epochs,
         "train.checkpoint_every": train.checkpoint_every,
         "train.seed": train.seed,
+        "data.min_cells": data.min_cells,
     }
     for key, value in non_negative.items():
         if value < 0:

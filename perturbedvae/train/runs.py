@@ -124,6 +124,7 @@ def load_data(config: DataConfig) -> PerturbationData:
         obs_filter=config.obs_filter,
         gene_symbol_key=config.gene_symbol_key,
         n_top_genes=config.n_top_genes,
+        min_cells=config.min_cells,
         backed=config.backed,
         counts=config.counts,
     )
