@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from perturbedvae.errors import ConfigError, PerturbedVAEError
+from perturbedvae.processes import is_main_process
 from perturbedvae.yaml_files import parse_value
 
 
@@ -40,6 +41,8 @@ def _add_data_options(parser: argparse.ArgumentParser, positional: bool = True) 
     group.add_argument("--obs-filter", nargs="*", default=[], metavar="COLUMN=VALUE", help="keep only matching cells")
     group.add_argument("--gene-symbol-key", default=None, help="var column with gene symbols")
     group.add_argument("--min-cells", type=int, default=10, help="warn for conditions with fewer cells")
+    group.add_argument("--n-top-genes", type=int, default=None,
+                       help="keep this many highly variable genes, plus every measured perturbed gene")
     group.add_argument("--backed", action="store_true", default=None,
                        help="leave expression in the file and read it in chunks (screens larger than memory)")
     counts = group.add_mutually_exclusive_group()
@@ -47,15 +50,6 @@ def _add_data_options(parser: argparse.ArgumentParser, positional: bool = True) 
                         help="X holds raw counts (error if not non-negative integers); default: detect")
     counts.add_argument("--log-normalized", dest="counts", action="store_const", const=False,
                         help="X is log-normalized even if integral; use no raw counts")
-
-
-def _names_a_dataset(text: str) -> bool:
-    """Whether `text` is read as a dataset name: a registered one, or a bare word (no folder, no extension)
-    that is no file, so that a mistyped name is answered with the known names rather than "no such file"."""
-    from perturbedvae import datasets
-
-    path = Path(text)
-    return not path.exists() and (text in datasets.REGISTRY or (not path.suffix and path.name == text))
 
 
 def _load_data(args: argparse.Namespace):
@@ -69,11 +63,12 @@ def _load_data(args: argparse.Namespace):
         "obs_filter": _key_values(args.obs_filter) or None,
         "gene_symbol_key": args.gene_symbol_key,
         "min_cells": args.min_cells,
+        "n_top_genes": args.n_top_genes,
         "backed": args.backed,
         "counts": args.counts,
     }
     options = {key: value for key, value in options.items() if value is not None}
-    if _names_a_dataset(args.data):
+    if datasets.names_a_dataset(args.data):
         return datasets.load(args.data, **options)
     return load_dataset(args.data, **options)
 
@@ -138,45 +133,38 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
-
     from perturbedvae.train.config import load_config
     from perturbedvae.train.runs import train_from_config
 
     run_dir = train_from_config(load_config(args.config, args.overrides), resume=args.resume)
-    if PartialState().is_main_process:
+    if is_main_process():
         print(f"run written to {run_dir}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from perturbedvae.train.runs import predict_conditions
+    from perturbedvae.api.model import PerturbedVAE
 
     conditions = [text.strip() for text in args.conditions.split(",")]
-    predictions = predict_conditions(args.run_dir, conditions, per_cell=args.per_cell or args.sample_seed is not None,
-                                     sample_seed=args.sample_seed)
+    predictions = PerturbedVAE.from_run(args.run_dir).predict(conditions, per_cell=args.per_cell, sample_seed=args.sample_seed)
     predictions.write_h5ad(args.out)
     row = "condition" if predictions.cells is None else ("sampled cell" if args.sample_seed is not None else "cell")
     print(f"wrote {args.out}: predictions for {len(predictions.conditions)} conditions (one row per {row})")
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
-
     from perturbedvae.compare import run_compare
 
     out = run_compare(args.config, args.overrides)
-    if PartialState().is_main_process:
+    if is_main_process():
         print(f"report written to {out / 'report.md'} and {out / 'report.html'}")
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
-
     from perturbedvae.benchmark import run_benchmark
 
     result = run_benchmark(args.config, args.protocol, args.seeds, args.out, args.overrides, n_folds=args.n_folds,
                            n_bootstrap=args.bootstrap)
-    if PartialState().is_main_process:
+    if is_main_process():
         print((Path(args.out) / "benchmark.md").read_text())
         print(f"wrote {Path(args.out) / 'benchmark.md'}, benchmark.csv, verdicts.csv and benchmark.png ({len(result.tidy)} scores)")
 

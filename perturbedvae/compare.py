@@ -23,10 +23,8 @@ the run directories under `runs/<variant>/seed_<seed>/`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.metadata
 import json
-import os
 import platform
 import resource
 import shlex
@@ -46,7 +44,7 @@ import yaml
 from perturbedvae.data.conditions import genes_of
 from perturbedvae.data.de import DEGenes, compute_de_genes
 from perturbedvae.data.loading import PerturbationData
-from perturbedvae.errors import ConfigError
+from perturbedvae.errors import ConfigError, did_you_mean
 from perturbedvae.evaluate import plots
 from perturbedvae.evaluate.baselines import BASELINES, predict_baselines
 from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
@@ -58,6 +56,7 @@ from perturbedvae.evaluate.report import (
     seed_statistics,
     seed_summary_frame,
 )
+from perturbedvae.processes import is_main_process
 from perturbedvae.train.config import (
     INPUT_PATH_KEYS,
     ExperimentConfig,
@@ -180,9 +179,7 @@ def _check_keys(values: object, allowed: Sequence[str], where: str) -> None:
         raise ConfigError(f"{where} must be a mapping, got {values!r}")
     for key in values:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), list(allowed), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f"; valid keys: {', '.join(allowed)}"
-            raise ConfigError(f"unknown key {key!r} in {where}{hint}")
+            raise ConfigError(f"unknown key {key!r} in {where}{did_you_mean(key, allowed)}")
 
 
 def _override_strings(values: object, base: Path, where: str) -> list[str]:
@@ -212,10 +209,8 @@ def train_and_predict(config: ExperimentConfig) -> TestPredictions | None:
 
     Test conditions with a gene outside the head's perturbation vocabulary are left out of the groups.
     """
-    from accelerate import PartialState
-
     run_dir = train_from_config(config)
-    if not PartialState().is_main_process:
+    if not is_main_process():
         return None
     run = load_run(run_dir)
     info = json.loads((run_dir / "run_info.json").read_text())
@@ -412,12 +407,12 @@ def run_compare(config_path: str | Path, overrides: Sequence[str] = ()) -> Path:
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse to mix two comparisons in one directory; the main process clears it when asked to.
 
-    Reads the launcher's RANK instead of asking Accelerate: no Accelerator exists yet (see make_accelerator).
+    No Accelerator exists yet, so `is_main_process` reads the launcher's RANK.
     """
     existing = [out / name for name in ("report.md", "report.html", "metrics.csv", "figures", "runs") if (out / name).exists()]
     if existing and not overwrite:
         raise ConfigError(f"{out} already holds a comparison; choose another compare.out_dir or pass compare.overwrite=true")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         for path in existing:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 

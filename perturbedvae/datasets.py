@@ -11,7 +11,6 @@ differs is refused.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.request
 from collections.abc import Mapping
@@ -22,7 +21,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from perturbedvae.data.loading import PerturbationData, load_dataset
-from perturbedvae.errors import DataError, close_matches
+from perturbedvae.errors import DataError, did_you_mean
+from perturbedvae.files import file_digest
 
 DATA_DIR_ENV = "PERTURBEDVAE_DATA_DIR"
 CACHE_DIR_ENV = "PERTURBEDVAE_CACHE_DIR"
@@ -85,9 +85,7 @@ def cache_dir() -> Path:
 
 def info(name: str) -> DatasetInfo:
     if name not in REGISTRY:
-        close = close_matches(name, REGISTRY, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise DataError(f"unknown dataset {name!r}{hint}; known: {', '.join(sorted(REGISTRY))}, or give an .h5ad path")
+        raise DataError(f"unknown dataset {name!r}{did_you_mean(name, REGISTRY, listing=None)}; known: {', '.join(sorted(REGISTRY))}, or give an .h5ad path")
     return REGISTRY[name]
 
 
@@ -111,18 +109,17 @@ def path(name: str, download: bool = True) -> Path:
     return location
 
 
+def names_a_dataset(text: str) -> bool:
+    """Whether `text` is read as a dataset name: a registered one, or a bare word (no folder, no extension)
+    that is no file, so that a mistyped name is answered with the known names rather than "no such file"."""
+    path = Path(text)
+    return not path.exists() and (text in REGISTRY or (not path.suffix and path.name == text))
+
+
 def load(name: str, download: bool = True, **overrides: Any) -> PerturbationData:
     """Load a named dataset with its registered reading options (overridable)."""
     kwargs = {**info(name).load_kwargs, **overrides}
     return load_dataset(path(name, download=download), **kwargs)
-
-
-def file_digest(file: Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
-    digest = hashlib.new(algorithm)
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_checksum(file: Path, expected: str | None) -> None:

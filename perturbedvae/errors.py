@@ -16,6 +16,18 @@ def close_matches(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
     return difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
 
 
+def did_you_mean(word: str, choices: Iterable[str], prefix: str = "", listing: str | None = "valid keys") -> str:
+    """The hint after an unknown name: ` (did you mean <prefix>X?)`, else `; <listing>: a, b, c` (or nothing).
+
+    One wording for every unknown key or name a user can mistype (config keys, datasets, baselines).
+    """
+    choices = [str(choice) for choice in choices]
+    close = close_matches(str(word), choices, n=1)
+    if close:
+        return f" (did you mean {prefix}{close[0]}?)"
+    return f"; {listing}: {', '.join(choices)}" if listing else ""
+
+
 def differs_only_in_case(word: str, choices: Iterable[str]) -> str | None:
     """The choice equal to `word` but for letter case (`klf1` -> `KLF1`), if exactly one is."""
     matches = [choice for choice in choices if choice != word and choice.casefold() == word.casefold()]

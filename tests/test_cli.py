@@ -132,3 +132,12 @@ def test_ctrl_c_during_train_says_how_to_continue(tmp_path, capsys, monkeypatch,
     assert main([*argv, *overrides]) == 130
     err = capsys.readouterr().err
     assert err.splitlines() == [f"perturbedvae train: {expected.format(config=config, run=run)}"]
+
+
+def test_n_top_genes_reaches_the_loader(norman_path):
+    from perturbedvae.cli import _load_data, build_parser
+
+    args = build_parser().parse_args(["split", str(norman_path), "--obs-filter", "dataset=norman19", "--scheme", "doubles",
+                                      "--out", "unused.json", "--n-top-genes", "100"])
+    data = _load_data(args)
+    assert 100 <= len(data.genes) < 500 and set(data.perturbed_genes) & set(data.genes)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from perturbedvae.evaluate.invariance import alignment_null, condition_probe
-from perturbedvae.model import PerturbedVAE, PerturbedVAEModule
+from perturbedvae.model import PerturbedVAEHead, PerturbedVAEModule
 from perturbedvae.model.mechanism import MechanismEffects, varimax_rotation
 from tests.test_model import N_GENES, N_PERTURBATIONS, multi_hot, synthetic_batch, tiny_config
 
@@ -115,8 +115,8 @@ def test_mechanism_module_trains_predicts_and_round_trips(likelihood, tmp_path):
     first = module.predict(batch["h"][:4], multi_hot((0, 1)))
     torch.testing.assert_close(first, module.predict(batch["h"][:4], multi_hot((0, 1))))
     module.effects.set_single_priors(torch.ones(N_PERTURBATIONS, N_GENES), torch.tensor([True, True, False, False]))
-    PerturbedVAE(module.config, module, [f"P{i}" for i in range(N_PERTURBATIONS)], [f"G{i}" for i in range(N_GENES)]).save_pretrained(tmp_path)
-    loaded = PerturbedVAE.from_pretrained(tmp_path).module
+    PerturbedVAEHead(module.config, module, [f"P{i}" for i in range(N_PERTURBATIONS)], [f"G{i}" for i in range(N_GENES)]).save_pretrained(tmp_path)
+    loaded = PerturbedVAEHead.from_pretrained(tmp_path).module
     torch.testing.assert_close(loaded.predict(batch["h"][:4], multi_hot((0, 1))), module.predict(batch["h"][:4], multi_hot((0, 1))))
 
 

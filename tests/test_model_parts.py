@@ -165,7 +165,7 @@ def test_config_round_trips_through_dict_and_json(tmp_path):
 
 
 def test_config_rejects_unknown_and_missing_keys():
-    with pytest.raises(ConfigError, match="did you mean 'n_latent'"):
+    with pytest.raises(ConfigError, match="did you mean n_latent"):
         PerturbedVAEConfig.from_dict(_config_values(n_latnet=4))
     with pytest.raises(ConfigError, match="n_genes"):
         PerturbedVAEConfig.from_dict({"n_input": 10, "n_perturbations": 3})

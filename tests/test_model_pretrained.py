@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
-from perturbedvae.model import PerturbedVAE, PerturbedVAEConfig, PerturbedVAEModule
+from perturbedvae.model import PerturbedVAEConfig, PerturbedVAEHead, PerturbedVAEModule
 from perturbedvae.model.pretrained import CONFIG_FILE, GENE_FEATURES_FILE, VOCAB_FILE, WEIGHTS_FILE
 
 PERTURBATION_GENES = ["KLF1", "CEBPA", "CEBPB", "SET"]
 GENE_NAMES = [f"gene{i}" for i in range(9)]
 
 
-def build(likelihood: str = "gaussian", with_features: bool = False) -> PerturbedVAE:
+def build(likelihood: str = "gaussian", with_features: bool = False) -> PerturbedVAEHead:
     torch.manual_seed(0)
     config = PerturbedVAEConfig(
         n_input=6,
@@ -32,13 +32,13 @@ def build(likelihood: str = "gaussian", with_features: bool = False) -> Perturbe
     with torch.no_grad():  # as if trained: a non-trivial DAG and interaction
         module.effects.causal.weight.normal_()
         module.effects.interaction.output.weight.normal_()
-    return PerturbedVAE(config, module, PERTURBATION_GENES, GENE_NAMES)
+    return PerturbedVAEHead(config, module, PERTURBATION_GENES, GENE_NAMES)
 
 
 CONDITIONS = [[], ["KLF1"], ["CEBPA", "KLF1"], ["CEBPB", "SET", "CEBPA"]]
 
 
-def predictions(model: PerturbedVAE) -> torch.Tensor:
+def predictions(model: PerturbedVAEHead) -> torch.Tensor:
     h = torch.randn(len(CONDITIONS), 6, generator=torch.Generator().manual_seed(1))
     return model.module.predict(h, model.perturbation_matrix(CONDITIONS))
 
@@ -49,7 +49,7 @@ def test_round_trip_gives_identical_predictions(tmp_path, likelihood, with_featu
     model.save_pretrained(tmp_path / "head")
     expected_files = {CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE} | ({GENE_FEATURES_FILE} if with_features else set())
     assert {path.name for path in (tmp_path / "head").iterdir()} == expected_files
-    loaded = PerturbedVAE.from_pretrained(tmp_path / "head")
+    loaded = PerturbedVAEHead.from_pretrained(tmp_path / "head")
     assert loaded.config == model.config
     assert loaded.perturbation_genes == PERTURBATION_GENES and loaded.gene_names == GENE_NAMES
     assert not loaded.module.training
@@ -89,7 +89,7 @@ def test_adding_unseen_genes_needs_gene_features(tmp_path):
     assert model.module.effect_vectors()[-1].abs().sum() > 0
     assert not torch.equal(model.predict(torch.zeros(2, 6), ["GATA1"]), model.predict(torch.zeros(2, 6), []))
     model.save_pretrained(tmp_path / "extended")
-    loaded = PerturbedVAE.from_pretrained(tmp_path / "extended")
+    loaded = PerturbedVAEHead.from_pretrained(tmp_path / "extended")
     torch.testing.assert_close(loaded.predict(torch.ones(2, 6), ["GATA1"]), model.predict(torch.ones(2, 6), ["GATA1"]))
     with pytest.raises(ConditionError, match="already"):
         model.add_perturbation_genes(["KLF1"], torch.randn(1, 5))
@@ -98,9 +98,9 @@ def test_adding_unseen_genes_needs_gene_features(tmp_path):
 def test_vocabularies_must_match_the_config():
     model = build()
     with pytest.raises(ConfigError, match="perturbation_genes"):
-        PerturbedVAE(model.config, model.module, PERTURBATION_GENES[:3], GENE_NAMES)
+        PerturbedVAEHead(model.config, model.module, PERTURBATION_GENES[:3], GENE_NAMES)
     with pytest.raises(ConfigError, match="more than once"):
-        PerturbedVAE(model.config, model.module, ["A", "A", "B", "C"], GENE_NAMES)
+        PerturbedVAEHead(model.config, model.module, ["A", "A", "B", "C"], GENE_NAMES)
 
 
 @pytest.fixture
@@ -112,14 +112,14 @@ def saved(tmp_path):
 
 def test_missing_directory_and_files_are_checkpoint_errors(tmp_path, saved):
     with pytest.raises(CheckpointError, match="not a directory"):
-        PerturbedVAE.from_pretrained(tmp_path / "nowhere")
+        PerturbedVAEHead.from_pretrained(tmp_path / "nowhere")
     for name in (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE, GENE_FEATURES_FILE):
         content = (saved / name).read_bytes()
         (saved / name).unlink()
         with pytest.raises(CheckpointError, match=name):
-            PerturbedVAE.from_pretrained(saved)
+            PerturbedVAEHead.from_pretrained(saved)
         (saved / name).write_bytes(content)
-    PerturbedVAE.from_pretrained(saved)  # intact again
+    PerturbedVAEHead.from_pretrained(saved)  # intact again
 
 
 @pytest.mark.parametrize("name", [WEIGHTS_FILE, GENE_FEATURES_FILE])
@@ -127,32 +127,32 @@ def test_truncated_or_garbage_weights_are_checkpoint_errors(saved, name):
     content = (saved / name).read_bytes()
     (saved / name).write_bytes(content[: len(content) // 2])
     with pytest.raises(CheckpointError, match="corrupt"):
-        PerturbedVAE.from_pretrained(saved)
+        PerturbedVAEHead.from_pretrained(saved)
     (saved / name).write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError):
-        PerturbedVAE.from_pretrained(saved)
+        PerturbedVAEHead.from_pretrained(saved)
 
 
 def test_corrupt_json_files_are_checkpoint_errors(saved):
     (saved / CONFIG_FILE).write_text("{broken")
     with pytest.raises(CheckpointError, match="config"):
-        PerturbedVAE.from_pretrained(saved)
+        PerturbedVAEHead.from_pretrained(saved)
 
 
 def test_vocab_without_lists_is_a_checkpoint_error(saved):
     (saved / VOCAB_FILE).write_text(json.dumps({"perturbation_genes": "KLF1"}))
     with pytest.raises(CheckpointError, match="lists"):
-        PerturbedVAE.from_pretrained(saved)
+        PerturbedVAEHead.from_pretrained(saved)
 
 
 def test_config_that_does_not_match_the_weights_is_a_checkpoint_error(saved):
     values = json.loads((saved / CONFIG_FILE).read_text())
     (saved / CONFIG_FILE).write_text(json.dumps({**values, "n_hidden": 32}))
     with pytest.raises(CheckpointError, match="does not match"):
-        PerturbedVAE.from_pretrained(saved)
+        PerturbedVAEHead.from_pretrained(saved)
     (saved / CONFIG_FILE).write_text(json.dumps({**values, "n_latnet": 4}))
     with pytest.raises(CheckpointError, match="n_latnet"):
-        PerturbedVAE.from_pretrained(saved)
+        PerturbedVAEHead.from_pretrained(saved)
 
 
 def test_vocabulary_that_does_not_match_the_config_is_a_checkpoint_error(saved):
@@ -160,4 +160,4 @@ def test_vocabulary_that_does_not_match_the_config_is_a_checkpoint_error(saved):
     vocab["gene_names"] = vocab["gene_names"][:-1]
     (saved / VOCAB_FILE).write_text(json.dumps(vocab))
     with pytest.raises(CheckpointError, match="gene_names"):
-        PerturbedVAE.from_pretrained(saved)
+        PerturbedVAEHead.from_pretrained(saved)

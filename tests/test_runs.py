@@ -256,3 +256,13 @@ def test_data_counts_overrides_the_detection(tmp_path: Path) -> None:
     assert not runs.load_data(DataConfig(path=str(tmp_path / "shallow.h5ad"), counts=False)).is_counts
     with pytest.warns(UserWarning, match="max 19"):
         assert runs.load_data(DataConfig(path=str(tmp_path / "shallow.h5ad"))).is_counts
+
+
+def test_data_min_cells_reaches_the_loader(tmp_path: Path) -> None:
+    from tests.conftest import make_toy_adata
+
+    make_toy_adata(cells_per_condition=12).write_h5ad(tmp_path / "toy.h5ad")
+    with pytest.warns(UserWarning, match="fewer than 20 cells"):
+        runs.load_data(DataConfig(path=str(tmp_path / "toy.h5ad"), min_cells=20))
+    with pytest.raises(ConfigError, match="data.min_cells must be >= 0"):
+        tiny(tmp_path / "run", "data.min_cells=-1")

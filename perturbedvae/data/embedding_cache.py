@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.errors import CheckpointError, ConfigError, DataError
+from perturbedvae.files import file_digest
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -225,7 +226,7 @@ def _shard_digest(shard_dir: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(shard_dir.glob("*.arrow")):
         digest.update(path.name.encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        digest.update(bytes.fromhex(file_digest(path)))  # the same bytes as before, read in blocks
     return digest.hexdigest()
 
 

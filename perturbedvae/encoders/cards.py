@@ -87,6 +87,8 @@ class AdapterCard:
     options: Mapping[str, Any] = field(default_factory=dict)
     source: Path | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
+    vocab_dir: Path | None = None
+    """The vocabulary directory the card's files were resolved in (a saved model pins it)."""
 
     @property
     def schema(self) -> KindSchema:
@@ -154,6 +156,7 @@ def load_card(card: str | Path | Mapping[str, Any], vocab_dir: str | Path | None
         options=options,
         source=source,
         raw=raw,
+        vocab_dir=directory,
     )
 
 

@@ -17,9 +17,7 @@ from typing import Any
 from perturbedvae.encoders.base import CellEncoder
 from perturbedvae.encoders.cards import AdapterCard, load_card
 from perturbedvae.errors import CheckpointError, ConfigError
-
-_HASH_BLOCK = 1 << 20
-
+from perturbedvae.files import file_digest
 
 # kind -> "module:function" building it from (card, checkpoint); imported on use so a precomputed or
 # expression encoder never pays for importing transformers.
@@ -96,13 +94,5 @@ def encoder_fingerprint(card: AdapterCard, checkpoint: Path | None) -> str:
         files += sorted(path for path in checkpoint.rglob("*") if path.is_file())
     for path in files:
         digest.update(path.name.encode())
-        digest.update(file_sha256(path).encode())
+        digest.update(file_digest(path).encode())
     return digest.hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()

@@ -69,8 +69,9 @@ class PrecomputedEncoder(_FeatureEncoder):
 class ExpressionEncoder(_FeatureEncoder):
     """Log-normalized expression (as the loader makes it), or its top principal components.
 
-    The PCA is fitted on the AnnData given to `prepare`, so call it once on the whole dataset; the cache
-    key covers the data, so a different dataset gets its own PCA.
+    `prepare` fits its PCA on the AnnData it is given (the `embed` command's cache of a whole dataset).
+    Training never does: a run with an expression card fits the PCA on its training cells only
+    (`perturbedvae.train.representation`), reading `pca_components` from here.
     """
 
     def __init__(self, name: str, representation: str = "log_normalized", n_components: int = 50):
@@ -80,6 +81,11 @@ class ExpressionEncoder(_FeatureEncoder):
         self.representation = representation
         self.n_components = n_components
         self._hidden_size = n_components if representation == "pca" else None
+
+    @property
+    def pca_components(self) -> int | None:
+        """Principal components the card asks for; None for log-normalized expression itself."""
+        return self.n_components if self.representation == "pca" else None
 
     def prepare(self, adata: ad.AnnData) -> dict[str, torch.Tensor]:
         matrix = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)

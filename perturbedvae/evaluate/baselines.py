@@ -17,7 +17,8 @@ import pandas as pd
 from perturbedvae.data.conditions import CONTROL, genes_of
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.loading import PerturbationData
-from perturbedvae.errors import SplitError
+from perturbedvae.data.splits import Split
+from perturbedvae.errors import ConfigError, SplitError, did_you_mean
 from perturbedvae.evaluate import metrics
 from perturbedvae.evaluate.predictions import Predictions
 
@@ -189,3 +190,41 @@ BASELINES: dict[str, BaselineFn] = {
 def predict_baselines(data: PerturbationData, train: Sequence[str], conditions: Sequence[str]) -> dict[str, Predictions]:
     """Predictions of every baseline for `conditions`, trained on the `train` conditions only."""
     return {name: baseline(data, train, conditions) for name, baseline in BASELINES.items()}
+
+
+class Baseline:
+    """A baseline as a `Predictor`: `Baseline("additive").fit(data, split).predict(["A+B"])`.
+
+    The same two calls as the PerturbedVAE model class, so the evaluator, notebooks and reports treat
+    every model alike. Conditions are read in the data's spelling and answered under canonical names.
+    """
+
+    def __init__(self, name: str) -> None:
+        if name not in BASELINES:
+            raise ConfigError(f"unknown baseline {name!r}{did_you_mean(name, BASELINES, listing='baselines')}")
+        self.name = name
+        self._fitted: tuple[PerturbationData, list[str]] | None = None
+
+    def __repr__(self) -> str:
+        return f"Baseline({self.name!r})"
+
+    def fit(self, data: PerturbationData, split: Split) -> Baseline:
+        """Keep the split's training conditions (every baseline is a closed-form rule of their profiles)."""
+        split.check_matches(data)
+        self._fitted = (data, list(split.train))
+        return self
+
+    def can_predict(self, condition: str) -> bool:
+        return True
+
+    def predict(self, conditions: Sequence[str]) -> Predictions:
+        if self._fitted is None:
+            raise ConfigError(f"fit the {self.name} baseline first: Baseline({self.name!r}).fit(data, split)")
+        data, train = self._fitted
+        canonical = list(dict.fromkeys(data.syntax.canonical(text) for text in conditions))
+        return BASELINES[self.name](data, train, canonical)
+
+
+def all_baselines() -> dict[str, Baseline]:
+    """Every baseline, unfitted, by the name reports use."""
+    return {name: Baseline(name) for name in BASELINES}

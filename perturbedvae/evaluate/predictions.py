@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anndata as ad
 import numpy as np
@@ -19,6 +20,10 @@ import scipy.sparse as sp
 from perturbedvae.data.conditions import ConditionSyntax
 from perturbedvae.data.loading import read_h5ad
 from perturbedvae.errors import DataError
+
+if TYPE_CHECKING:
+    from perturbedvae.data.loading import PerturbationData
+    from perturbedvae.data.splits import Split
 
 PREDICTION_CONDITION_KEY = "condition"
 """obs column of a prediction AnnData holding each row's condition."""
@@ -120,6 +125,21 @@ class Predictions:
     def read_h5ad(cls, path: str | Path, genes: Sequence[str], syntax: ConditionSyntax = ConditionSyntax()) -> Predictions:
         """`from_anndata` on an `.h5ad` file (clear DataError for a missing or unreadable file)."""
         return cls.from_anndata(read_h5ad(path), genes, syntax)
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What every model and baseline is to the evaluator: fitted on a split, asked for conditions.
+
+    `fit` learns from the split's training conditions only and returns the predictor; `predict` takes
+    conditions spelled as in the data and returns `Predictions` under their canonical names.
+    `can_predict` says whether a condition is within reach (a head has no effect for a gene it never
+    saw perturbed); predictors without it are taken to predict every condition.
+    """
+
+    def fit(self, data: PerturbationData, split: Split) -> Predictor: ...
+
+    def predict(self, conditions: Sequence[str]) -> Predictions: ...
 
 
 def _check_same_genes(present: Sequence[str], expected: Sequence[str]) -> None:

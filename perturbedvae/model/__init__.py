@@ -1,7 +1,7 @@
 """The PerturbedVAE head: pure torch, fed by any encoder through (cell representation, perturbation set).
 
 `PerturbedVAEConfig` describes it, `PerturbedVAEModule` is the math (inference, perturbation effect,
-generative model, loss, counterfactual prediction), and `PerturbedVAE` is the shareable checkpoint
+generative model, loss, counterfactual prediction), and `PerturbedVAEHead` is the shareable checkpoint
 directory with its gene vocabularies.
 """
 
@@ -9,7 +9,7 @@ from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.model.effects import PerturbationOutput
 from perturbedvae.model.likelihoods import GaussianOutput, GenerativeOutput, NegativeBinomialOutput
 from perturbedvae.model.module import InferenceOutput, LossOutput, LossWeights, PerturbedVAEModule
-from perturbedvae.model.pretrained import PerturbedVAE
+from perturbedvae.model.pretrained import PerturbedVAEHead
 
 __all__ = [
     "GaussianOutput",
@@ -19,7 +19,7 @@ __all__ = [
     "LossWeights",
     "NegativeBinomialOutput",
     "PerturbationOutput",
-    "PerturbedVAE",
     "PerturbedVAEConfig",
+    "PerturbedVAEHead",
     "PerturbedVAEModule",
 ]

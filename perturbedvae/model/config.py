@@ -8,14 +8,13 @@ fails where it is written (a YAML file, a CLI flag) and not deep inside a traini
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perturbedvae.errors import ConfigError
+from perturbedvae.errors import ConfigError, did_you_mean
 from perturbedvae.model.likelihoods import LIKELIHOOD_HEADS
 from perturbedvae.model.masks import EVAL_MASK_MODES, MASK_FAMILIES
 
@@ -135,7 +134,7 @@ class PerturbedVAEConfig:
         fields = {field.name: field for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            hints = [_with_close_matches(key, fields) for key in unknown]
+            hints = [f"{key!r}{did_you_mean(key, sorted(fields), listing=None)}" for key in unknown]
             raise ConfigError("unknown PerturbedVAE config key(s): " + "; ".join(hints))
         missing = [
             name
@@ -162,11 +161,6 @@ class PerturbedVAEConfig:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ConfigError(f"config file {path} is not valid JSON ({error}); re-save the config") from error
         return cls.from_dict(values)
-
-
-def _with_close_matches(key: str, known: dict[str, Any]) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    return f"{key!r} (did you mean {close[0]!r}?)" if close else f"{key!r}"
 
 
 def _check_positive_int(name: str, value: object) -> None:

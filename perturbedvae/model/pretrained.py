@@ -37,7 +37,7 @@ GENE_FEATURES_FILE = "gene_features.safetensors"
 _GENE_FEATURES_KEY = "gene_features"
 
 
-class PerturbedVAE:
+class PerturbedVAEHead:
     """A PerturbedVAE module with its gene vocabularies, saved and loaded as one directory."""
 
     def __init__(
@@ -73,7 +73,7 @@ class PerturbedVAE:
             save_file(features, str(directory / GENE_FEATURES_FILE), metadata=metadata)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> PerturbedVAE:
+    def from_pretrained(cls, directory: str | Path) -> PerturbedVAEHead:
         """Load a directory written by `save_pretrained` (on CPU, in eval mode).
 
         Raises:

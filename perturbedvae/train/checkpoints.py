@@ -9,7 +9,6 @@ folder renamed to `epoch_NNNN`; resuming verifies the manifest first and names t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import warnings
@@ -18,6 +17,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from perturbedvae.errors import CheckpointError
+from perturbedvae.files import file_digest
 
 CHECKPOINT_PREFIX = "epoch_"
 MANIFEST = "manifest.json"
@@ -69,21 +69,15 @@ def verify_checkpoint(path: Path) -> None:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path}: {name} is missing; {fix}")
-        if file.stat().st_size != size or _sha256(file) != digest:
+        if file.stat().st_size != size or file_digest(file) != digest:
             raise CheckpointError(f"{path}: {name} is truncated or corrupt (size or SHA-256 differs); {fix}")
 
 
 def _describe(folder: Path) -> dict[str, list]:
     return {
-        str(file.relative_to(folder)): [file.stat().st_size, _sha256(file)]
+        str(file.relative_to(folder)): [file.stat().st_size, file_digest(file)]
         for file in sorted(folder.rglob("*"))
         if file.is_file() and file.name != MANIFEST
     }
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

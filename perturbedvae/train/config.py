@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from perturbedvae.data.gene_features import SOURCES as GENE_FEATURE_SOURCES
-from perturbedvae.errors import ConfigError, close_matches
+from perturbedvae.errors import ConfigError, close_matches, did_you_mean
 from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.yaml_files import parse_value, read_yaml_mapping
 
@@ -47,8 +47,23 @@ class DataConfig:
     `backed` leaves expression in the file and reads it per batch (memory bounded by the batch, for
     screens too large for memory; representation kinds expression and obsm). `counts` overrides the
     detection of raw counts: null detects, true requires X to be counts, false reads X as log-normalized.
-    `covariate_keys` names the obs column(s) of a covariate (cell line, stimulation) for the transfer task
-    (`perturbedvae transfer`, `perturbedvae.data.covariates`).
+
+    Attributes:
+        path: The .h5ad file (relative to the config file).
+        synthetic: Fields of `perturbedvae.data.synthetic.SimulationConfig`: a screen simulated in memory.
+        condition_key: obs column holding each cell's condition.
+        control_labels: Labels of control cells (default `control`, `ctrl`, `non-targeting`).
+        delimiter: Separator of the genes of a combination.
+        obs_filter: Keep only cells whose obs columns equal these values, e.g. `{dataset: norman19}`.
+        n_top_genes: Keep this many highly variable genes, plus every measured perturbed gene.
+        min_cells: Conditions with fewer cells get a warning (their metrics are noisy).
+        gene_symbol_key: var column with gene symbols to use as gene names (default: var_names).
+        de_method: Test ranking the DE genes of the `_de` metrics: `t-test` or `wilcoxon`.
+        n_de_genes: Number of DE genes per condition in the `_de` metrics.
+        backed: Leave expression in the file and read it per batch or chunk.
+        counts: Raw counts in X: null detects, true requires them, false reads X as log-normalized.
+        covariate_keys: obs column(s) of a covariate (cell line, stimulation) for the transfer task
+            (`perturbedvae transfer`, `perturbedvae.data.covariates`).
     """
 
     path: str | None = None
@@ -58,6 +73,7 @@ class DataConfig:
     delimiter: str = "+"
     obs_filter: dict[str, Any] | None = None
     n_top_genes: int | None = None
+    min_cells: int = 10
     gene_symbol_key: str | None = None
     de_method: str = "t-test"
     n_de_genes: int = 20
@@ -65,10 +81,29 @@ class DataConfig:
     counts: bool | None = None
     covariate_keys: list[str] | None = None
 
+    def require_source(self) -> None:
+        """Fail unless the config names its data: a model trained on an in-memory AnnData saves no path.
+
+        Raises:
+            ConfigError: naming both ways to give the data.
+        """
+        if self.path is None and self.synthetic is None:
+            raise ConfigError(
+                "set exactly one of data.path (an .h5ad file) and data.synthetic (simulation settings); a model "
+                "trained from an in-memory AnnData names neither: load it with perturbedvae.PerturbedVAE.load(dir, data)"
+            )
+
 
 @dataclass
 class SplitConfig:
-    """How conditions are split: a scheme of `make_split` with its params, or a saved split.json (`path`)."""
+    """How conditions are split: a scheme of `make_split` with its params, or a saved split.json (`path`).
+
+    Attributes:
+        scheme: `doubles`, `gears`, `custom`, `lodo`, `kfold` or `singles_only`.
+        seed: Seed of the scheme's random draws.
+        params: The scheme's parameters, e.g. `{test_fraction: 0.4, unseen_combos: train}`, `{column: split}`.
+        path: A split.json to use instead (`perturbedvae split ... --out`).
+    """
 
     scheme: str = "doubles"
     seed: int = 1
@@ -89,6 +124,21 @@ class RepresentationConfig:
     `cache_embeddings: false` runs the frozen backbone inside every training step instead (slower; it
     exists to measure what the cache saves). `finetune: lora` trains rank-`lora_r` adapters on the
     card's target modules together with the head, end to end.
+
+    Attributes:
+        kind: `expression`, `obsm` or `encoder`.
+        n_components: Principal components of the training cells' expression (kind expression; null: all genes).
+        obsm_key: The `adata.obsm` entry to read (kind obsm).
+        adapter: Adapter card of the encoder (kind encoder), e.g. adapters/geneformer-v1.yaml.
+        checkpoint: Encoder weights directory (default: the card's).
+        vocab_dir: Vocabulary directory (default: the card's rules, then `../shared/vocab`).
+        finetune: `frozen` (embeddings cached once) or `lora` (adapters trained with the head).
+        cache_dir: Embedding cache of frozen encoders (default ~/.cache/perturbedvae/embeddings).
+        cache_embeddings: Read frozen embeddings from the cache (false: run the backbone in every step).
+        lora_r: Rank of the LoRA adapters.
+        lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).
+        lora_dropout: Dropout on the LoRA path.
+        embed_batch_size: Cells per encoder call when embedding or predicting.
     """
 
     kind: Literal["expression", "obsm", "encoder"] = "expression"
@@ -136,6 +186,24 @@ class TrainConfig:
     condition leaves training; each condition's counterfactual prediction is scored by its mean squared
     error against their mean) or "last" (the last epoch: a fixed epoch count). With one or two
     validation combinations the first stops by noise; the benchmark uses the second.
+
+    Attributes:
+        epochs: Epochs at most (early stopping may end sooner).
+        batch_size: Training cells per batch (per process).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        kl_warmup_epochs: Epochs over which the KL weight rises linearly from 0.
+        sparsity_warmup_epochs: Epochs over which the mask sparsity weight rises linearly from 0.
+        mixed_precision: `no`, `bf16` or `fp16`; null takes the launcher's setting.
+        gradient_accumulation_steps: Batches per optimizer step.
+        seed: Seed of initialisation, batch order, held-out cells and control cells.
+        early_stopping_patience: Stop after this many evaluations without improvement (null: never).
+        eval_every: Epochs between validations.
+        checkpoint_every: Epochs between Accelerate checkpoints (0: none).
+        max_grad_norm: Gradient norm clipping (null: no clipping).
+        n_control_cells: Control cells every counterfactual prediction starts from.
+        selection: How the kept epoch is chosen: `val_conditions`, `held_out_cells` or `last`.
+        held_out_fraction: Fraction of each training condition's cells held out (selection held_out_cells).
     """
 
     epochs: int = 20
@@ -158,6 +226,13 @@ class TrainConfig:
 
 @dataclass
 class OutputConfig:
+    """Where a run is written.
+
+    Attributes:
+        run_dir: The run directory (relative to where the run is launched).
+        overwrite: Replace a finished run in `run_dir` (otherwise refused).
+    """
+
     run_dir: str = "runs/run"
     overwrite: bool = False
 
@@ -255,9 +330,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     names = [item.name for item in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
-            close = close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+            raise ConfigError(f"unknown config key {prefix}{key}{did_you_mean(key, names, prefix)}")
     kwargs = {}
     for key, value in values.items():
         kind = hints[key]
@@ -306,9 +379,7 @@ def _complete_model_section(model: Mapping[str, Any]) -> dict[str, Any]:
         if key in DERIVED_MODEL_FIELDS:
             raise ConfigError(f"model.{key} is derived from the data; remove it from the config")
         if key not in fields:
-            close = close_matches(str(key), fields, n=1)
-            hint = f" (did you mean model.{close[0]}?)" if close else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"unknown config key model.{key}{hint}")
+            raise ConfigError(f"unknown config key model.{key}{did_you_mean(key, fields, 'model.')}")
     completed = {name: model.get(name, item.default) for name, item in fields.items()}
     try:
         PerturbedVAEConfig(n_input=1, n_genes=1, n_perturbations=1, **completed)
@@ -319,7 +390,7 @@ def _complete_model_section(model: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_consistency(config: ExperimentConfig) -> None:
     data, representation, train = config.data, config.representation, config.train
-    if (data.path is None) == (data.synthetic is None):
+    if data.path is not None and data.synthetic is not None:
         raise ConfigError("set exactly one of data.path (an .h5ad file) and data.synthetic (simulation settings)")
     if representation.kind == "obsm" and not representation.obsm_key:
         raise ConfigError("representation.kind obsm needs representation.obsm_key, the obsm entry to read")
@@ -353,6 +424,7 @@ def _check_consistency(config: ExperimentConfig) -> None:
         "train.sparsity_warmup_epochs": train.sparsity_warmup_epochs,
         "train.checkpoint_every": train.checkpoint_every,
         "train.seed": train.seed,
+        "data.min_cells": data.min_cells,
     }
     for key, value in non_negative.items():
         if value < 0:

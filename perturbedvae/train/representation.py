@@ -30,6 +30,7 @@ from perturbedvae.data.matrix import ExpressionRows
 from perturbedvae.encoders import CellEncoder, load_encoder
 from perturbedvae.encoders.embed import check_encoder_coverage
 from perturbedvae.encoders.lora import apply_lora, load_adapters
+from perturbedvae.encoders.simple import ExpressionEncoder
 from perturbedvae.errors import CheckpointError, ConfigError
 from perturbedvae.model import LossOutput, LossWeights, PerturbedVAEConfig, PerturbedVAEModule
 from perturbedvae.train.config import RepresentationConfig
@@ -132,17 +133,30 @@ def build_representation(
                 "encoder representations read the whole matrix; load the data in memory (data.backed=false), "
                 "or embed it once and give the embeddings as representation.kind=obsm"
             )
-        return _encoder_representation(config, data, run_dir)
+        return _encoder_representation(config, data, train_cells, run_dir)
+    return _expression_representation(data, train_cells, config.n_components, run_dir)
+
+
+def _expression_representation(data: PerturbationData, train_cells: np.ndarray, n_components: int | None,
+                               run_dir: Path | None) -> Representation:
+    """Log-normalized expression, or its projection on the principal axes of the training cells (or the run's)."""
     expression = data.expression
-    if config.n_components is None:
+    if n_components is None:
         return Representation(expression)
-    fitted = _load_pca(run_dir) if run_dir is not None else _fit_pca(expression, train_cells, config.n_components)
+    fitted = _load_pca(run_dir) if run_dir is not None else _fit_pca(expression, train_cells, n_components)
     return Representation(_project(expression, fitted["mean"], fitted["components"]), fitted)
 
 
-def _encoder_representation(config: RepresentationConfig, data: PerturbationData, run_dir: Path | None) -> Representation:
-    """Frozen: embeddings from the cache (embedded on first use). LoRA: fresh adapters, or the run's."""
+def _encoder_representation(config: RepresentationConfig, data: PerturbationData, train_cells: np.ndarray,
+                            run_dir: Path | None) -> Representation:
+    """Frozen: embeddings from the cache (embedded on first use). LoRA: fresh adapters, or the run's.
+
+    An `expression` card is the expression representation: its PCA is fitted here on the training cells,
+    never by the card's encoder on every cell (held-out conditions would shape the inputs).
+    """
     encoder = load_encoder(config.adapter, config.checkpoint, vocab_dir=config.vocab_dir)
+    if isinstance(encoder, ExpressionEncoder):
+        return _expression_representation(data, train_cells, encoder.pca_components, run_dir)
     check_encoder_coverage(encoder, data)
     if config.finetune == "lora":
         if run_dir is None:

@@ -3,7 +3,7 @@
     <run_dir>/config.yaml        the full experiment config (absolute paths), enough to redo the run
     <run_dir>/split.json         the split it trained on
     <run_dir>/representation.npz the PCA basis of the inputs (only for representation.n_components)
-    <run_dir>/model/             the head, `PerturbedVAE.save_pretrained`
+    <run_dir>/model/             the head, `PerturbedVAEHead.save_pretrained`
     <run_dir>/adapters/          LoRA adapters of the encoder (representation.finetune lora), PEFT format
     <run_dir>/log.jsonl          one line per epoch: losses, loss weights, validation metrics
     <run_dir>/metrics.json       final evaluation on the test conditions (+ the evaluator's tidy table)
@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
 from perturbedvae.data.conditions import check_known_genes, genes_of
 from perturbedvae.data.de import compute_de_genes
@@ -34,7 +35,7 @@ from perturbedvae.data.splits import ROLES, Split, make_split
 from perturbedvae.encoders.lora import save_adapters
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
 from perturbedvae.evaluate import Evaluator, Predictions, compare, write_metrics
-from perturbedvae.model import PerturbedVAE
+from perturbedvae.model import PerturbedVAEHead
 from perturbedvae.train.config import DataConfig, ExperimentConfig, SplitConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule, dense_rows, hold_out_cells, is_predictable
 from perturbedvae.train.diagnostics import latent_diagnostics
@@ -47,7 +48,7 @@ from perturbedvae.train.representation import (
     build_representation,
     head_of,
 )
-from perturbedvae.train.trainer import SELECTION_METRIC, Selection, Trainer, Validator, make_accelerator
+from perturbedvae.train.trainer import SELECTION_METRIC, Selection, Trainer, TrainingResult, Validator, make_accelerator
 from perturbedvae.train.unseen_genes import check_test_predictable, with_gene_features
 
 MODEL_NAME = "perturbedvae"
@@ -107,6 +108,7 @@ class RunLayout:
 
 def load_data(config: DataConfig) -> PerturbationData:
     """Read (or simulate, for `data.synthetic`) and validate the dataset a config names."""
+    config.require_source()
     source = config.path
     if config.synthetic is not None:
         from perturbedvae.data.synthetic import SimulationConfig, simulate
@@ -123,6 +125,7 @@ def load_data(config: DataConfig) -> PerturbationData:
         obs_filter=config.obs_filter,
         gene_symbol_key=config.gene_symbol_key,
         n_top_genes=config.n_top_genes,
+        min_cells=config.min_cells,
         backed=config.backed,
         counts=config.counts,
     )
@@ -235,6 +238,7 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
         ConfigError: the run directory already holds a run (pass output.overwrite=true or resume).
         CheckpointError: resume without checkpoints, or with a config that changes more than train.epochs.
     """
+    config.data.require_source()  # before the run directory is prepared (and an old run replaced)
     layout = RunLayout(Path(config.output.run_dir))
     accelerator = make_accelerator(config.train)
     if accelerator.is_main_process:
@@ -249,26 +253,18 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
         config.save(layout.config)
         split.save(layout.split)
         datamodule.representation.save(layout.root)
-    controls = datamodule.control_cells(config.train.n_control_cells, config.train.seed)
-    validator, selection, unpredictable_val = make_validator(config, datamodule, split, controls)
-    mechanism = config.model["composition"] == "mechanism"
-    initialize = (lambda head: initialize_head(head, datamodule, config.train.seed)) if mechanism else None
-    calibrate = (lambda head: calibrate_head(head, datamodule)) if mechanism else None
-    trainer = Trainer(config, datamodule, layout.root, validator, gene_features(datamodule), accelerator, selection,
-                      initialize, calibrate)
-    result = trainer.fit(resume=resume)
+    fitted = fit_head(config, datamodule, layout.root, accelerator, resume)
     if accelerator.is_main_process:
-        head = head_of(result.module)
-        finalize_head(head, datamodule)
-        PerturbedVAE(head.config, head, datamodule.perturbation_genes, data.genes).save_pretrained(layout.model)
+        head, controls = fitted.head, fitted.controls
+        PerturbedVAEHead(head.config, head, datamodule.perturbation_genes, data.genes).save_pretrained(layout.model)
         if datamodule.representation.finetune:
             save_adapters(datamodule.representation.encoder, layout.adapters)
         test_scorer = ConditionScorer(datamodule, split.test, split.test_subgroups, config.data.de_method, config.data.n_de_genes, controls)
-        run_info = {**result.run_info, "latent": _latent_record(trainer, head, datamodule, config.train.seed, initialize), "data_fingerprint": data.fingerprint, "n_train_cells": len(datamodule.train_cells),
-                    "unpredictable_val_conditions": unpredictable_val, "unpredictable_test_conditions": test_scorer.skipped,
+        run_info = {**fitted.result.run_info, "latent": _latent_record(fitted.trainer, head, datamodule, config.train.seed, fitted.initialize), "data_fingerprint": data.fingerprint, "n_train_cells": len(datamodule.train_cells),
+                    "unpredictable_val_conditions": fitted.unpredictable_val, "unpredictable_test_conditions": test_scorer.skipped,
                     "gene_features": _feature_record(datamodule)}
         if test_scorer.conditions:
-            summary, tidy = compare(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(result.module)})
+            summary, tidy = compare(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(fitted.result.module)})
             write_metrics(summary, tidy, layout.root)
         layout.run_info.write_text(json.dumps(run_info, indent=2) + "\n")
     accelerator.wait_for_everyone()
@@ -279,6 +275,42 @@ def _feature_record(datamodule: PerturbationDataModule) -> dict | None:
     """Which source described each perturbation gene, and the width of each block (None without gene features)."""
     features = datamodule.gene_features
     return None if features is None else {"columns": dict(features.columns), "sources_of": features.sources_of}
+
+
+@dataclass
+class FittedHead:
+    """What `fit_head` trained: the module that predicts, the starting control cells and the run's facts."""
+
+    trainer: Trainer
+    result: TrainingResult
+    datamodule: PerturbationDataModule
+    controls: np.ndarray
+    unpredictable_val: list[str]
+    initialize: Callable[[torch.nn.Module], None] | None
+
+    @property
+    def head(self) -> torch.nn.Module:
+        return head_of(self.result.module)
+
+
+def fit_head(config: ExperimentConfig, datamodule: PerturbationDataModule, run_dir: Path, accelerator: Accelerator,
+             resume: bool = False) -> FittedHead:
+    """Train the head a config describes on a built datamodule (any data, in memory or from a file).
+
+    `run_dir` receives the log and checkpoints. The main process finalizes the head (anchors and control
+    calibration on all cells of the training conditions), as predictions need.
+    """
+    controls = datamodule.control_cells(config.train.n_control_cells, config.train.seed)
+    validator, selection, unpredictable_val = make_validator(config, datamodule, datamodule.split, controls)
+    mechanism = config.model["composition"] == "mechanism"
+    initialize = (lambda head: initialize_head(head, datamodule, config.train.seed)) if mechanism else None
+    calibrate = (lambda head: calibrate_head(head, datamodule)) if mechanism else None
+    trainer = Trainer(config, datamodule, run_dir, validator, gene_features(datamodule), accelerator, selection,
+                      initialize, calibrate)
+    result = trainer.fit(resume=resume)
+    if accelerator.is_main_process:
+        finalize_head(head_of(result.module), datamodule)
+    return FittedHead(trainer, result, datamodule, controls, unpredictable_val, initialize)
 
 
 def _latent_record(trainer: Trainer, head, datamodule: PerturbationDataModule, seed: int, initialize) -> dict:
@@ -366,7 +398,7 @@ class LoadedRun:
     run_dir: Path
     config: ExperimentConfig
     split: Split
-    model: PerturbedVAE
+    model: PerturbedVAEHead
     datamodule: PerturbationDataModule
     predictor: torch.nn.Module
 
@@ -379,33 +411,38 @@ class LoadedRun:
             ConditionError: for a malformed condition or a gene outside the run's perturbation vocabulary: one
                 the split held out of training is named as such, for others close matches are listed.
         """
-        syntax = self.datamodule.data.syntax
-        canonical = []
-        for text in conditions:
-            try:
-                canonical.append(syntax.canonical(text))
-            except ConditionError as error:
-                raise ConditionError(f"cannot predict {text!r}: {error}") from None
-        canonical = list(dict.fromkeys(canonical))
-        self._check_vocabulary(sorted({gene for name in canonical for gene in genes_of(name)}))
+        canonical = checked_conditions(conditions, self.datamodule.data, self.split, self.model.perturbation_genes)
         controls = self.datamodule.control_cells(self.config.train.n_control_cells, self.config.train.seed)
         return predict_from_controls(self.predictor, self.datamodule, canonical, controls, per_cell=per_cell, sample_seed=sample_seed)
 
-    def _check_vocabulary(self, genes: Sequence[str]) -> None:
-        """Refuse genes the head has no effect for; a gene the data perturbs is no typo, so say the split held it out."""
-        vocabulary, perturbed = set(self.model.perturbation_genes), set(self.datamodule.data.perturbed_genes)
-        held_out = [gene for gene in genes if gene not in vocabulary and gene in perturbed]
-        if held_out:
-            raise ConditionError(
-                "; ".join(self._held_out_reason(gene) for gene in held_out)
-                + ". Predict it with a run whose split trains on it"
-            )
-        check_known_genes(genes, vocabulary, what="perturbation vocabulary of this run (genes perturbed in its training conditions)")
 
-    def _held_out_reason(self, gene: str) -> str:
-        roles = {role for name, role in self.split.assignments().items() if gene in genes_of(name)}
-        where = ", ".join(role for role in ROLES if role in roles) or "in none of its conditions"
-        return f"{gene} is perturbed in the data but held out of training by the split ({where}), so this run has no effect for it"
+def checked_conditions(conditions: Sequence[str], data: PerturbationData, split: Split, vocabulary: Sequence[str]) -> list[str]:
+    """Canonical names (each once) of conditions spelled as in `data`, every gene in the head's `vocabulary`.
+
+    Raises:
+        ConditionError: for a malformed condition or a gene outside the vocabulary: one the split held out of
+            training is named as such, for others close matches are listed.
+    """
+    canonical = []
+    for text in conditions:
+        try:
+            canonical.append(data.syntax.canonical(text))
+        except ConditionError as error:
+            raise ConditionError(f"cannot predict {text!r}: {error}") from None
+    canonical = list(dict.fromkeys(canonical))
+    genes = sorted({gene for name in canonical for gene in genes_of(name)})
+    known, perturbed = set(vocabulary), set(data.perturbed_genes)
+    held_out = [gene for gene in genes if gene not in known and gene in perturbed]
+    if held_out:  # a gene the data perturbs is no typo
+        raise ConditionError("; ".join(_held_out_reason(gene, split) for gene in held_out) + ". Predict it with a run whose split trains on it")
+    check_known_genes(genes, known, what="perturbation vocabulary of this run (genes perturbed in its training conditions)")
+    return canonical
+
+
+def _held_out_reason(gene: str, split: Split) -> str:
+    roles = {role for name, role in split.assignments().items() if gene in genes_of(name)}
+    where = ", ".join(role for role in ROLES if role in roles) or "in none of its conditions"
+    return f"{gene} is perturbed in the data but held out of training by the split ({where}), so this run has no effect for it"
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
@@ -422,7 +459,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     data = load_data(config.data)
     split = Split.load(layout.split)
     datamodule = build_datamodule(config, data, split, layout.root)
-    model = PerturbedVAE.from_pretrained(layout.model)
+    model = PerturbedVAEHead.from_pretrained(layout.model)
     if model.perturbation_genes != datamodule.perturbation_genes or model.gene_names != data.genes:
         raise CheckpointError(f"{layout.model} does not match the data its config names (other genes or vocabulary); was the data file changed?")
     return LoadedRun(layout.root, config, split, model, datamodule, attach_encoder(datamodule.representation, model.module))
@@ -435,4 +472,5 @@ def predict_conditions(
     return load_run(run_dir).predict(conditions, per_cell=per_cell, sample_seed=sample_seed)
 
 
-__all__ = ["SELECTION_METRIC", "LoadedRun", "RunLayout", "load_run", "predict_conditions", "train_from_config"]
+__all__ = ["SELECTION_METRIC", "FittedHead", "LoadedRun", "RunLayout", "checked_conditions", "fit_head", "load_run", "predict_conditions",
+           "train_from_config"]
