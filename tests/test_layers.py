@@ -15,7 +15,7 @@ LAYERS = {
     "evaluate": 4,
     "train": 5,
     "api": 6,
-    "compare": 7, "benchmark": 7,
+    "compare": 7, "benchmark": 7, "transfer": 7, "cell_split": 7,
     "cli": 8,
 }
 

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.splits import Split
 from perturbedvae.errors import ConfigError
-from perturbedvae.model import PerturbedVAE
+from perturbedvae.model import PerturbedVAEHead
 from perturbedvae.train.config import ExperimentConfig
 from perturbedvae.train.datamodule import PerturbationDataModule, hold_out_cells
 from perturbedvae.train.representation import build_representation, head_of
@@ -57,5 +57,5 @@ def train_head(config: ExperimentConfig, datamodule: PerturbationDataModule, lay
     validator = scorer if on_cells and scorer.conditions else None
     result = Trainer(config, datamodule, layout.root, validator, None, accelerator, scorer.selection if on_cells else Selection()).fit()
     head = head_of(result.module)
-    PerturbedVAE(head.config, head, datamodule.perturbation_genes, datamodule.data.genes).save_pretrained(Path(layout.model))
+    PerturbedVAEHead(head.config, head, datamodule.perturbation_genes, datamodule.data.genes).save_pretrained(Path(layout.model))
     return result.module
