@@ -48,7 +48,7 @@ DEFAULT_REPRESENTATION: dict[str, Any] = {"kind": "expression", "n_components": 
 """50 principal components of the training cells' log-normalized expression."""
 
 DEFAULT_MODEL: dict[str, Any] = {
-    "composition": "mechanism", "n_latent": 16, "n_hidden": 128, "n_layers": 2, "dropout": 0.1,
+    "composition": "mechanism", "alignment": "mmd_per_condition", "n_latent": 16, "n_hidden": 128, "n_layers": 2, "dropout": 0.1,
     "effect_init_std": 0.01, "sparsity_weight": 0.1, "saturation_init": 1.5,
 }
 """The design the benchmark keeps (`configs/norman_subset.yaml`); any PerturbedVAEConfig field overrides it."""
