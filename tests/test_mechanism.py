@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from perturbedvae.errors import ConfigError
 from perturbedvae.evaluate.invariance import alignment_null, condition_probe
 from perturbedvae.model import PerturbedVAEHead, PerturbedVAEModule
 from perturbedvae.model.mechanism import MechanismEffects, varimax_rotation
@@ -81,6 +82,22 @@ def test_varimax_turns_a_rotated_sparse_loading_matrix_back_to_sparse():
     dominant = recovered.abs().max(dim=1).values / recovered.abs().sum(dim=1)
     assert dominant.min() > 0.99 and mixed.abs().max(dim=1).values.div(mixed.abs().sum(dim=1)).mean() < 0.8
     torch.testing.assert_close(recovered @ found.T, mixed, atol=1e-5, rtol=0)  # the product is unchanged
+
+
+def test_initial_rotation_changes_the_effects_not_their_product():
+    generator = torch.Generator().manual_seed(4)
+    changes = torch.randn(N_PERTURBATIONS, N_GENES, generator=generator)
+    measured = torch.ones(N_PERTURBATIONS, dtype=torch.bool)
+    starts = {}
+    for rotation in ("none", "varimax"):
+        effects = MechanismEffects(tiny_config(composition="mechanism", initial_rotation=rotation, effect_init_std=1e-12))
+        effects.set_single_priors(changes, measured)
+        starts[rotation] = (effects.effect_table.detach().clone(), effects.programs.detach().clone())
+    (plain, plain_programs), (turned, turned_programs) = starts["none"], starts["varimax"]
+    torch.testing.assert_close(plain @ plain_programs, turned @ turned_programs, atol=1e-5, rtol=1e-5)
+    assert (plain - turned).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="initial_rotation"):
+        tiny_config(initial_rotation="promax")
 
 
 def test_predictions_are_anchored_on_measured_singles():

@@ -83,8 +83,9 @@ class MechanismEffects(nn.Module):
         """Observed single-gene changes Δ_g [P, n_genes] (decoder scale) and which genes have one [P].
 
         With `initialize` (before training), also sets the saturation scale per gene and starts effects
-        and programs at a rank-K fit of the measured changes (SVD), so f starts near the singles and
-        training refines it; without, only the anchors change (re-measured on more cells after training).
+        and programs at a rank-K fit of the measured changes (SVD, optionally varimax-rotated:
+        `config.initial_rotation`), so f starts near the singles and training refines it; without, only
+        the anchors change (re-measured on more cells after training).
         """
         changes = changes.float().to(self.single_prior.device)
         measured = measured.bool().to(self.single_prior.device)
@@ -97,7 +98,8 @@ class MechanismEffects(nn.Module):
         u, s, vh = torch.linalg.svd(rows / self.config.saturation_init, full_matrices=False)
         k = min(self.config.n_latent, len(s))
         root = s[:k].sqrt()
-        rotation = varimax_rotation(u[:, :k] * root)
+        identity = torch.eye(k, dtype=u.dtype, device=u.device)
+        rotation = varimax_rotation(u[:, :k] * root) if self.config.initial_rotation == "varimax" else identity
         effects = torch.zeros_like(self.effect_table)
         effects[measured, :k] = u[:, :k] * root @ rotation
         self.effect_table.copy_(effects + torch.randn_like(effects) * self.config.effect_init_std)
