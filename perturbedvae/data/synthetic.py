@@ -179,9 +179,8 @@ class _Mechanisms:
             shifts[self.combination_name(index)] = self.composed_shift(pair) + self.interaction_shifts[index]
         return shifts
 
-    def non_additive_shifts(self) -> np.ndarray:
-        """[C, K] each combination's shift minus the sum of its singles' shifts."""
-        shifts = self.condition_shifts()
+    def non_additive_shifts(self, shifts: dict[str, np.ndarray]) -> np.ndarray:
+        """[C, K] each combination's shift minus the sum of its singles' shifts, from `condition_shifts()`."""
         return np.array([
             shifts[self.combination_name(index)] - shifts[self.perturbations[first]] - shifts[self.perturbations[second]]
             for index, (first, second) in enumerate(self.combinations)
@@ -290,7 +289,7 @@ def simulate(config: SimulationConfig) -> ad.AnnData:
         "graph": truth.graph,
         "interactions": {
             "combinations": [truth.combination_name(index) for index in range(len(truth.combinations))],
-            "shifts": truth.non_additive_shifts(),
+            "shifts": truth.non_additive_shifts(shifts),
         },
         "config": asdict(config),
     }

@@ -97,8 +97,9 @@ def condition_alignment_penalty(z_mean: torch.Tensor, is_control: torch.Tensor, 
         return z_mean.sum() * 0.0
     scale = median_scale(z_mean)
     within = gaussian_kernel(perturbed, perturbed, scale)
-    self_similarity = within.diagonal().sum() / len(perturbed)  # the same for every point: k(x, x)
-    within_sums = (one_hot.T @ within @ one_hot).diagonal() - sizes * self_similarity
+    # Σ over pairs i ≠ j of a condition: the condition's block sum (column sums of within @ one_hot over its
+    # own rows) without the diagonal terms k(x_i, x_i).
+    within_sums = (one_hot * (within @ one_hot)).sum(dim=0) - one_hot.T @ within.diagonal()
     cross_sums = one_hot.T @ gaussian_kernel(perturbed, control, scale).sum(dim=1)
     controls = gaussian_kernel(control, control, scale)
     n_control = control.shape[0]
