@@ -21,9 +21,8 @@ from perturbedvae.errors import ConfigError
 from perturbedvae.model import PerturbedVAEHead
 from perturbedvae.train.config import ExperimentConfig
 from perturbedvae.train.datamodule import PerturbationDataModule, hold_out_cells
-from perturbedvae.train.representation import build_representation, head_of
-from perturbedvae.train.runs import HeldOutCellScorer, RunLayout
-from perturbedvae.train.trainer import Selection, Trainer
+from perturbedvae.train.representation import build_representation
+from perturbedvae.train.runs import RunLayout, fit_head
 
 
 def check_cell_task_config(config: ExperimentConfig, task: str) -> None:
@@ -51,11 +50,9 @@ def datamodule_without_cells(config: ExperimentConfig, data: PerturbationData, h
 
 
 def train_head(config: ExperimentConfig, datamodule: PerturbationDataModule, layout: RunLayout, accelerator: Accelerator) -> torch.nn.Module:
-    """Train (selecting the epoch on held-out cells of the training cells when configured), save the head, return the module."""
-    scorer = HeldOutCellScorer(datamodule, datamodule.control_cells(config.train.n_control_cells, config.train.seed))
-    on_cells = config.train.selection == "held_out_cells"
-    validator = scorer if on_cells and scorer.conditions else None
-    result = Trainer(config, datamodule, layout.root, validator, None, accelerator, scorer.selection if on_cells else Selection()).fit()
-    head = head_of(result.module)
+    """Train as `perturbedvae train` does (`fit_head`: the epoch selected on held-out cells of the training cells when
+    configured), save the head, return the module."""
+    fitted = fit_head(config, datamodule, layout.root, accelerator)
+    head = fitted.head
     PerturbedVAEHead(head.config, head, datamodule.perturbation_genes, datamodule.data.genes).save_pretrained(Path(layout.model))
-    return result.module
+    return fitted.result.module
