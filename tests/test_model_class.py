@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from accelerate.state import AcceleratorState
 
 import perturbedvae as pv
@@ -221,3 +222,16 @@ def test_accelerate_launch_and_the_notebook_class_give_identical_metrics(tmp_pat
     finished = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
     _assert_same_metrics(_run_metrics(run_dir), _notebook_metrics(TINY, overrides))
+
+
+
+def test_the_notebook_defaults_are_the_benchmarked_norman_config() -> None:
+    """`pv.PerturbedVAE`'s defaults copy configs/norman_subset.yaml (a wheel ships no configs/): they must not drift."""
+    from perturbedvae.api.model import DEFAULT_MODEL, DEFAULT_REPRESENTATION, DEFAULT_TRAIN
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "norman_subset.yaml"
+    written = yaml.safe_load(path.read_text())
+    assert {key: value for key, value in written["model"].items() if key != "likelihood"} == DEFAULT_MODEL
+    train = load_config(path).train
+    assert {key: getattr(train, key) for key in DEFAULT_TRAIN} == DEFAULT_TRAIN
+    assert written["representation"] == DEFAULT_REPRESENTATION
