@@ -160,6 +160,20 @@ def test_condition_probe_and_alignment_null():
     assert alignment_null(mixed, control, n_permutations=30).p_value > 0.05
 
 
+def test_per_condition_alignment_null_sees_conditions_that_split_the_control_cloud():
+    """Two conditions, each one half of the control distribution: pooled they look like controls, apart they do not."""
+    rng = np.random.default_rng(1)
+    control = rng.normal(size=(120, 2))
+    perturbed = rng.normal(size=(240, 2))
+    halves = np.where(perturbed[:, 0] < 0, "A", "B")
+    z = np.vstack([control, perturbed])
+    is_control = np.arange(len(z)) < len(control)
+    conditions = np.concatenate([np.full(len(control), "control"), halves])
+    assert alignment_null(z, is_control, n_permutations=30, seed=0).p_value > 0.05
+    per_condition = alignment_null(z, is_control, n_permutations=30, seed=0, conditions=conditions)
+    assert per_condition.p_value < 0.05 and per_condition.mmd > per_condition.null_95
+
+
 def test_latent_diagnostics_skip_the_probe_when_conditions_have_too_few_cells(monkeypatch):
     """A screen with thousands of conditions puts few cells of each into the sample: no probe, no crash."""
     from types import SimpleNamespace

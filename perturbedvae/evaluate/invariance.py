@@ -3,9 +3,11 @@
 - `condition_probe`: how well a linear classifier tells the cells' conditions apart from z_inv, as the
   balanced accuracy of a nearest-class-mean classifier on standardised z_inv, cross-validated over
   stratified folds. Chance is 1 / number of conditions; an invariant latent stays near it.
-- `alignment_null`: the MMD² between control and perturbed z_inv (the alignment penalty's statistic, with
-  the median-heuristic bandwidths) beside its permutation null (condition labels shuffled). A penalty
-  whose value sits inside its null cannot tell the groups apart and so cannot act on them.
+- `alignment_null`: the alignment penalty's statistic on z_inv (median-heuristic bandwidths) beside its
+  permutation null (condition labels shuffled over cells). Pooled: the MMD² between control and perturbed
+  cells; per condition (`conditions` given): `condition_alignment_penalty`, the statistic of
+  `alignment: mmd_per_condition`. A penalty whose value sits inside its null cannot tell the groups
+  apart and so cannot act on them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from perturbedvae.model.alignment import alignment_penalty
+from perturbedvae.model.alignment import alignment_penalty, condition_alignment_penalty
 
 
 @dataclass(frozen=True)
@@ -61,14 +63,27 @@ def condition_probe(z: np.ndarray, labels: np.ndarray, n_folds: int = 5, seed: i
     return ProbeResult(float(np.mean(recalls)), 1.0 / len(classes), len(classes))
 
 
-def alignment_null(z: np.ndarray, is_control: np.ndarray, n_permutations: int = 100, seed: int = 0) -> AlignmentNull:
-    """MMD² of control vs perturbed rows of `z` beside the same statistic with the groups shuffled."""
+def alignment_null(
+    z: np.ndarray, is_control: np.ndarray, n_permutations: int = 100, seed: int = 0, conditions: np.ndarray | None = None
+) -> AlignmentNull:
+    """The alignment statistic of `z` [cells, K] beside the same statistic with the cells' labels shuffled.
+
+    Without `conditions`: the pooled MMD² of control vs perturbed rows. With `conditions` [cells] (any
+    labels; the controls' rows are those of `is_control`): the per-condition penalty, and the shuffle
+    moves each cell's condition and control flag together, so the null keeps the conditions' sizes.
+    """
     points = torch.as_tensor(np.asarray(z), dtype=torch.float32)
     flags = torch.as_tensor(np.asarray(is_control), dtype=torch.bool)
-    observed = float(alignment_penalty(points, flags, adaptive=True))
+    if conditions is None:
+        def statistic(order: torch.Tensor) -> float:
+            return float(alignment_penalty(points, flags[order], adaptive=True))
+    else:
+        _, codes = np.unique(np.asarray(conditions).astype(str), return_inverse=True)
+        labels = torch.as_tensor(codes, dtype=torch.long)
+
+        def statistic(order: torch.Tensor) -> float:
+            return float(condition_alignment_penalty(points, flags[order], labels[order]))
+    observed = statistic(torch.arange(len(flags)))
     rng = np.random.default_rng(seed)
-    null = np.array([
-        float(alignment_penalty(points, flags[torch.as_tensor(rng.permutation(len(flags)))], adaptive=True))
-        for _ in range(n_permutations)
-    ])
+    null = np.array([statistic(torch.as_tensor(rng.permutation(len(flags)))) for _ in range(n_permutations)])
     return AlignmentNull(observed, float(np.quantile(null, 0.95)), float((1 + (null >= observed).sum()) / (1 + n_permutations)))

@@ -1,7 +1,8 @@
 """What a trained head learned, in numbers a run records: invariance of z_inv and sparsity of its masks.
 
 Recorded in `run_info.json` under `latent` (and summarised by `perturbedvae benchmark`): the condition
-probe and the alignment statistic against its permutation null (`perturbedvae.evaluate.invariance`),
+probe and the alignment statistic against its permutation null (`perturbedvae.evaluate.invariance`; the
+per-condition statistic when the head aligns per condition, the pooled one otherwise),
 on a seeded sample of training cells, and the density of the evaluation masks. The alignment statistic
 is also measured on the head as initialised, since a penalty that cannot tell the groups apart at the
 start can never act.
@@ -45,7 +46,8 @@ def latent_diagnostics(module: PerturbedVAEModule, datamodule: PerturbationDataM
     finally:
         module.train(was_training)
     conditions = datamodule.data.conditions[cells]
-    null = alignment_null(z, conditions == CONTROL, n_permutations=50, seed=seed)
+    per_condition = conditions if module.config.alignment == "mmd_per_condition" else None
+    null = alignment_null(z, conditions == CONTROL, n_permutations=50, seed=seed, conditions=per_condition)
     result = {"alignment_mmd": null.mmd, "alignment_null_95": null.null_95, "alignment_p": null.p_value,
               "mask_density": float((keep > MASK_ACTIVE).mean())}
     if probe and _probe_classes(conditions) >= 2:  # too few cells per condition in the sample: no probe
