@@ -101,6 +101,27 @@ def test_shuffle_depends_only_on_seed_and_epoch() -> None:
     assert sorted(first) == list(range(100))
 
 
+def test_block_shuffle_keeps_runs_of_consecutive_cells_and_covers_every_cell_once() -> None:
+    sampler = EpochShuffleSampler(103, seed=3, block=8)
+    sampler.set_epoch(1)
+    order = np.array(list(sampler))
+    assert sorted(order) == list(range(103))
+    runs = np.split(order, np.flatnonzero(np.diff(order) != 1) + 1)
+    assert all(run[0] % 8 == 0 for run in runs)  # each run starts at a block boundary
+    assert len(runs) <= 13 and not np.array_equal(order, np.arange(103))  # 13 blocks, shuffled
+    whole_blocks = np.sort(np.array(list(EpochShuffleSampler(104, seed=3, block=8)))[:32])
+    assert len(np.split(whole_blocks, np.flatnonzero(np.diff(whole_blocks) != 1) + 1)) <= 4  # a batch of 32: 4 spans
+    sampler.set_epoch(2)
+    assert list(sampler) != order.tolist()
+    with pytest.raises(ValueError, match="at least 1"):
+        EpochShuffleSampler(10, seed=0, block=0)
+
+
+def test_block_of_one_is_the_cell_shuffle() -> None:
+    plain, blocked = EpochShuffleSampler(50, seed=7), EpochShuffleSampler(50, seed=7, block=1)
+    assert list(plain) == list(blocked) == np.random.default_rng([7, 0]).permutation(50).tolist()
+
+
 def test_warmup_is_linear_over_epochs() -> None:
     assert [warmup_factor(epoch, 4) for epoch in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0

@@ -187,12 +187,16 @@ class PerturbationDataModule:
             return {ENCODER_INPUTS_KEY: {key: value[index] for key, value in inputs.items()}}
         return {"h": torch.from_numpy(dense_rows(self.representation.matrix, rows))}
 
-    def train_loader(self, batch_size: int, seed: int) -> DataLoader:
-        """Loader over training cells, reshuffled per epoch by `loader.set_epoch(epoch)`."""
+    def train_loader(self, batch_size: int, seed: int, shuffle_block: int = 1) -> DataLoader:
+        """Loader over training cells, reshuffled per epoch by `loader.set_epoch(epoch)`.
+
+        `shuffle_block` > 1 shuffles runs of that many consecutive training cells (file order) instead of
+        single cells: see `EpochShuffleSampler`.
+        """
         return DataLoader(
             _RowNumbers(self.train_cells),
             batch_size=batch_size,
-            sampler=EpochShuffleSampler(len(self.train_cells), seed),
+            sampler=EpochShuffleSampler(len(self.train_cells), seed, shuffle_block),
             collate_fn=self.collate,
         )
 
@@ -225,11 +229,22 @@ class _RowNumbers(Dataset):
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A permutation that depends only on (seed, epoch): identical on every process and after a resume."""
+    """A permutation that depends only on (seed, epoch): identical on every process and after a resume.
 
-    def __init__(self, n_items: int, seed: int) -> None:
+    With `block` > 1 the permutation moves runs of `block` consecutive items and keeps each run in order,
+    so a batch is batch_size / block runs of consecutive training cells. For backed data that is the
+    difference between reading a batch as a few contiguous spans of the file and as one scattered row
+    per cell: on a 1M-cell, 5,000-gene CSR file, 512 scattered rows took 0.15-0.3 s to read, 32 runs
+    of 16 rows 0.02-0.03 s. Runs share a condition when the file is sorted by condition, which is why
+    it is an option (1, the default: every cell shuffled on its own).
+    """
+
+    def __init__(self, n_items: int, seed: int, block: int = 1) -> None:
+        if block < 1:
+            raise ValueError(f"the shuffle block must be at least 1 cell, got {block}")
         self.n_items = n_items
         self.seed = seed
+        self.block = block
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -239,7 +254,12 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n_items
 
     def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n_items).tolist())
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.block == 1:
+            return iter(rng.permutation(self.n_items).tolist())
+        starts = rng.permutation(-(-self.n_items // self.block)) * self.block
+        items = (starts[:, None] + np.arange(self.block)).ravel()
+        return iter(items[items < self.n_items].tolist())
 
 
 def dense_rows(matrix: np.ndarray | ExpressionRows | CachedEmbeddings, rows: np.ndarray) -> np.ndarray:

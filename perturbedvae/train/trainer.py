@@ -232,7 +232,7 @@ class Trainer:
             self.initialize(head_of(module))
         trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
         optimizer = make_optimizer(trainable, settings)
-        loader = self.datamodule.train_loader(settings.batch_size, settings.seed)
+        loader = self.datamodule.train_loader(settings.batch_size, settings.seed, settings.shuffle_block)
         module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
         progress = TrainingProgress()
         accelerator.register_for_checkpointing(progress)
