@@ -69,6 +69,25 @@ def test_saturation_makes_same_direction_changes_add_less():
     assert (double > torch.maximum(single_0, single_1)).all()
 
 
+def test_node_saturation_saturates_perturbations_on_a_shared_node_only():
+    """`saturation: nodes`: two genes on one node add less than their sum; genes on different nodes add."""
+    effects = MechanismEffects(mechanism_config(n_latent=2, saturation="nodes", eval_mask="expected"))
+    with torch.no_grad():
+        effects.logit_table.fill_(-100.0)
+        effects.logit_table[:3, 0] = 100.0  # genes 0 and 1 act on node 0 ...
+        effects.logit_table[2, 0], effects.logit_table[2, 1] = -100.0, 100.0  # ... gene 2 on node 1
+        effects.effect_table.fill_(1.0)
+        effects.graph.zero_()
+        effects.programs.fill_(1.0)  # every node moves every gene the same way: gene-level saturation would see both pairs alike
+        effects.node_scale.fill_(1.0)
+    shared = effects.eval()(multi_hot((0,), (1,), (0, 1)), deterministic=True).modelled
+    assert (shared[2] < shared[0] + shared[1] - 0.1).all()
+    apart = effects(multi_hot((0,), (2,), (0, 2)), deterministic=True).modelled
+    torch.testing.assert_close(apart[2], apart[0] + apart[1], atol=1e-5, rtol=1e-5)
+    assert "effects.node_scale" not in PerturbedVAEModule(mechanism_config()).state_dict()  # saved only when used
+    assert "effects.node_scale" in PerturbedVAEModule(mechanism_config(saturation="nodes")).state_dict()
+
+
 def test_varimax_turns_a_rotated_sparse_loading_matrix_back_to_sparse():
     generator = torch.Generator().manual_seed(2)
     sparse = torch.zeros(60, 4)
@@ -117,13 +136,13 @@ def test_predictions_are_anchored_on_measured_singles():
     torch.testing.assert_close(change[3], output.modelled[3])  # gene 3 has no measured single: the model alone
 
 
-@pytest.mark.parametrize("likelihood", ["gaussian", "nb"])
-def test_mechanism_module_trains_predicts_and_round_trips(likelihood, tmp_path):
+@pytest.mark.parametrize(("likelihood", "saturation"), [("gaussian", "genes"), ("nb", "genes"), ("gaussian", "nodes")])
+def test_mechanism_module_trains_predicts_and_round_trips(likelihood, saturation, tmp_path):
     torch.manual_seed(0)
     batch = synthetic_batch(likelihood)
     controls = batch["perturbations"].sum(1) == 0
     batch = {**batch, "control_h": batch["h"][controls][:8], "control_x": batch["x"][controls][:8]}
-    module = PerturbedVAEModule(mechanism_config(likelihood=likelihood))
+    module = PerturbedVAEModule(mechanism_config(likelihood=likelihood, saturation=saturation))
     output = module(batch)
     assert torch.isfinite(output.loss) and set(output.parts) >= {"reconstruction", "counterfactual", "alignment"}
     assert (output.parts["counterfactual"] > 0) == (likelihood == "gaussian")
@@ -131,7 +150,7 @@ def test_mechanism_module_trains_predicts_and_round_trips(likelihood, tmp_path):
     assert module.effects.raw_kappa.grad is not None and module.effects.graph.grad is not None
     first = module.predict(batch["h"][:4], multi_hot((0, 1)))
     torch.testing.assert_close(first, module.predict(batch["h"][:4], multi_hot((0, 1))))
-    module.effects.set_single_priors(torch.ones(N_PERTURBATIONS, N_GENES), torch.tensor([True, True, False, False]))
+    module.effects.set_single_priors(torch.randn(N_PERTURBATIONS, N_GENES), torch.tensor([True, True, False, False]))
     PerturbedVAEHead(module.config, module, [f"P{i}" for i in range(N_PERTURBATIONS)], [f"G{i}" for i in range(N_GENES)]).save_pretrained(tmp_path)
     loaded = PerturbedVAEHead.from_pretrained(tmp_path).module
     torch.testing.assert_close(loaded.predict(batch["h"][:4], multi_hot((0, 1))), module.predict(batch["h"][:4], multi_hot((0, 1))))

@@ -20,6 +20,11 @@ way add less than their sum (saturation) through one parameter:
 
     f(S) = σ(u_S W)                              the modelled change of condition S on the decoder's scale
 
+With `saturation: nodes` the saturation acts on the latent nodes instead, f(S) = τ(u_S) W with
+τ_n(u) = c_n · tanh(u / c_n), c_n = κ · (largest |u| of a measured single on node n at initialisation):
+two perturbations saturate only where they act on the same node (paralogs feeding one pathway), and
+perturbations on different nodes add.
+
 Prediction keeps what is measured: for a condition whose every gene has a measured training single
 (`set_single_priors`: the observed single-gene changes Δ_g), the change is anchored on them and the
 model supplies the departure from additivity,
@@ -72,6 +77,8 @@ class MechanismEffects(nn.Module):
         self.register_buffer("single_prior", torch.zeros(p, g))
         self.register_buffer("has_prior", torch.zeros(p, dtype=torch.bool))
         self.register_buffer("gene_scale", torch.ones(g))
+        # Saved only where it is used, so heads saved before the option existed still load.
+        self.register_buffer("node_scale", torch.ones(k), persistent=config.saturation == "nodes")
 
     uses_features = False
     """No gene-feature network: every perturbation gene has its own effect and mask (see `PerturbationEffects`)."""
@@ -106,6 +113,7 @@ class MechanismEffects(nn.Module):
         programs = torch.zeros_like(self.programs)
         programs[:k] = rotation.T @ (root[:, None] * vh[:k])
         self.programs.copy_(programs)
+        self.node_scale.copy_(effects[measured].abs().max(dim=0).values.clamp_min(_MIN_SCALE))
 
     # --- the model ---------------------------------------------------------------------------------------
 
@@ -127,7 +135,10 @@ class MechanismEffects(nn.Module):
         return u.squeeze(1).to(shift.dtype)
 
     def decode(self, u: torch.Tensor) -> torch.Tensor:
-        """σ(u W): the gene-level change of latent responses u [R, K]."""
+        """σ(u W) (or τ(u) W, `saturation: nodes`): the gene-level change of latent responses u [R, K]."""
+        if self.config.saturation == "nodes":
+            scale = self.kappa * self.node_scale
+            return (scale * torch.tanh(u / scale)) @ self.programs
         scale = self.kappa * self.gene_scale
         return scale * torch.tanh((u @ self.programs) / scale)
 
