@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from perturbedvae.checks import check_number
 from perturbedvae.data.conditions import CONTROL
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.loading import PerturbationData
@@ -41,8 +42,7 @@ DEFAULT_TEST_FRACTION = 0.2
 
 def held_out_test_cells(data: PerturbationData, test_fraction: float, seed: int) -> np.ndarray:
     """Row numbers of the test cells: a seeded `test_fraction` of every perturbed condition's cells (one at least stays)."""
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-        raise ConfigError(f"split.params.test_fraction of the cells scheme must lie in (0, 1), got {test_fraction!r}")
+    check_number("split.params.test_fraction of the cells scheme", test_fraction, low=0, high=1, low_open=True, high_open=True)
     return hold_out_cells(data, [name for name in data.condition_names if name != CONTROL], float(test_fraction), seed)[1]
 
 

@@ -35,8 +35,8 @@ def test_test_cells_are_a_seeded_fraction_of_every_perturbed_condition(data) -> 
         assert np.isin(data.cell_indices(name), cells).sum() == (0 if name == "control" else 5)
     np.testing.assert_array_equal(cells, held_out_test_cells(data, 0.25, seed=3))
     assert not np.array_equal(cells, held_out_test_cells(data, 0.25, seed=4))
-    for bad in (0, 1, True):
-        with pytest.raises(ConfigError, match="test_fraction of the cells scheme must lie in \\(0, 1\\)"):
+    for bad, problem in ((0, "must lie in \\(0, 1\\)"), (1, "must lie in \\(0, 1\\)"), (True, "must be a finite number")):
+        with pytest.raises(ConfigError, match=f"test_fraction of the cells scheme {problem}"):
             held_out_test_cells(data, bad, seed=3)
     with pytest.raises(SplitError, match="perturbedvae cells --config"):
         make_split(data, "cells", test_fraction=0.2)

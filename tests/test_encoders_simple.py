@@ -43,7 +43,7 @@ def test_expression_log_normalized_and_pca(toy_data):
     np.testing.assert_allclose(features.numpy(), np.asarray(toy_data.adata.X))
     assert plain.hidden_size == toy_data.adata.n_vars
     pca = load_encoder(REPO / "adapters/expression.yaml")
-    with pytest.raises(ConfigError, match="n_components must be between"):
+    with pytest.raises(ConfigError, match=r"n_components \(for this data\) must lie in \[1, "):
         pca.prepare(toy_data.adata)  # 30 genes < 50 components
     pca = load_encoder({"kind": "expression", "representation": "pca", "n_components": 5})
     scores = pca.embed(pca.prepare(toy_data.adata)).numpy()

@@ -203,13 +203,13 @@ def test_simulate_to_file_refuses_to_overwrite(tmp_path):
         ({"n_genes": 5}, "n_perturbations"),
         ({"n_combinations": 1000}, "distinct pairs"),
         ({"mask_prob": 1.5}, "mask_prob"),
-        ({"dispersion": 0.0}, "dispersion must be positive"),
+        ({"dispersion": 0.0}, "dispersion must be greater than 0"),
         ({"n_latent": 2.5}, "n_latent must be an integer"),
         ({"effect_scale": float("nan")}, "effect_scale must be a finite number"),
-        ({"interaction_strength": -1.0}, "non-negative"),
+        ({"interaction_strength": -1.0}, "interaction_strength must be at least 0"),
         ({"n_cels": 3}, "unknown simulation setting"),
         ({"composition": "sum"}, "composition must be one of"),
-        ({"edge_prob": 2.0}, "edge_prob is a probability"),
+        ({"edge_prob": 2.0}, r"edge_prob must lie in \[0, 1\]"),
     ],
 )
 def test_bad_config_values_name_the_problem(tmp_path, overrides, message):

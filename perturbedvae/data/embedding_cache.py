@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from perturbedvae.checks import check_number
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.errors import CheckpointError, ConfigError, DataError
 from perturbedvae.files import file_digest
@@ -53,8 +54,8 @@ def embed_to_cache(
     Returns:
         The cache entry directory (give it, or `cache_dir`, to `load_embeddings`).
     """
-    if batch_size <= 0 or shard_size <= 0:
-        raise ConfigError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}")
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("shard_size", shard_size, low=1, integer=True)
     if data.backed:
         raise DataError("embedding cells needs their expression in memory; load the data without backed mode")
     entry = cache_entry(cache_dir, data, encoder)

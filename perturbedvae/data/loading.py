@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from perturbedvae.checks import check_number
 from perturbedvae.data.conditions import CONTROL, DEFAULT_CONTROL_LABELS, ConditionSyntax, genes_of
 from perturbedvae.data.matrix import BackedRows, ExpressionRows, InMemoryRows, canonical_csr, log_normalize
 from perturbedvae.errors import ConditionError, DataError
@@ -577,8 +578,7 @@ def select_highly_variable_genes(data: PerturbationData, n_top_genes: int) -> Pe
     import scanpy as sc
 
     adata = data.adata
-    if n_top_genes <= 0:
-        raise DataError(f"n_top_genes must be positive, got {n_top_genes}")
+    check_number("n_top_genes", n_top_genes, low=1, integer=True, error=DataError)
     if n_top_genes >= adata.n_vars:
         return data
     if data.backed:

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from perturbedvae.checks import check_number
 from perturbedvae.data.conditions import CONTROL, canonical_name
 from perturbedvae.errors import ConfigError
 
@@ -97,16 +98,14 @@ class SimulationConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_genes", "n_latent", "n_perturbations", "cells_per_condition", "n_control_cells", "decoder_hidden"):
-            _check_int(name, getattr(self, name), minimum=1)
+            check_number(name, getattr(self, name), low=1, integer=True)
         for name in ("n_combinations", "seed"):
-            _check_int(name, getattr(self, name), minimum=0)
+            check_number(name, getattr(self, name), low=0, integer=True)
         for name in ("effect_scale", "library_size_mean", "dispersion", "edge_weight"):
-            _check_float(name, getattr(self, name), positive=True)
-        _check_float("interaction_strength", self.interaction_strength, positive=False)
-        for name in ("mask_prob", "edge_prob"):
-            _check_float(name, getattr(self, name), positive=False)
-            if getattr(self, name) > 1:
-                raise ConfigError(f"{name} is a probability; got {getattr(self, name)}, give a value in [0, 1]")
+            check_number(name, getattr(self, name), low=0, low_open=True)
+        check_number("interaction_strength", self.interaction_strength, low=0)
+        for name in ("mask_prob", "edge_prob"):  # probabilities
+            check_number(name, getattr(self, name), low=0, high=1)
         if self.composition not in COMPOSITIONS:
             raise ConfigError(f"composition must be one of {', '.join(COMPOSITIONS)}; got {self.composition!r}")
         if self.n_perturbations > self.n_genes:
@@ -120,20 +119,6 @@ class SimulationConfig:
                 f"n_combinations ({self.n_combinations}) > the {n_pairs} distinct pairs of "
                 f"{self.n_perturbations} perturbed genes; lower n_combinations or raise n_perturbations"
             )
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ConfigError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-
-
-def _check_float(name: str, value: object, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ConfigError(f"{name} must be {'positive' if positive else 'non-negative'}, got {value}")
 
 
 @dataclass

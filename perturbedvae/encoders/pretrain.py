@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from perturbedvae.checks import check_number
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.encoders.cards import load_card
 from perturbedvae.encoders.geneformer import geneformer_tokenizer
 from perturbedvae.encoders.rank_value import RankValueTokenizer, relative_expression_source
-from perturbedvae.errors import ConfigError
 
 MASK_TOKEN = "<mask>"
 IGNORE = -100
@@ -188,15 +188,15 @@ def pretrain(datasets: Sequence[PerturbationData], out_dir: str | Path, card: st
              config: PretrainConfig | None = None, vocab_dir: str | Path | None = None, log_every: int = 50) -> PretrainReport:
     """Pretrain on the cells of `datasets`, save to `out_dir` (save_pretrained + report) and return the report."""
     config = config or PretrainConfig()
-    if not 0 < config.held_out_fraction < 1 or not 0 < config.mask_fraction < 1:
-        raise ConfigError("held_out_fraction and mask_fraction must be between 0 and 1")
+    for name in ("held_out_fraction", "mask_fraction"):
+        check_number(name, getattr(config, name), low=0, high=1, low_open=True, high_open=True)
     adapter = load_card(card, vocab_dir)
     tokenizer = geneformer_tokenizer(adapter, config.max_length)
     mask_id = tokenizer.token_of[MASK_TOKEN]
     sequences = token_sequences(datasets, tokenizer)
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(sequences))
-    n_held_out = max(1, int(round(config.held_out_fraction * len(sequences))))
+    n_held_out = max(1, round(config.held_out_fraction * len(sequences)))
     held_out = [sequences[index] for index in order[:n_held_out]]
     train = [sequences[index] for index in order[n_held_out:]]
     gene_ids = torch.from_numpy(np.unique(np.concatenate(train)))

@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from perturbedvae.checks import check_number
 from perturbedvae.encoders.base import GeneCoverage
 from perturbedvae.encoders.cards import AdapterCard
 from perturbedvae.encoders.vocab import measure_coverage
@@ -101,8 +102,7 @@ class ExpressionEncoder(_FeatureEncoder):
 
 def principal_components(matrix: np.ndarray, n_components: int) -> np.ndarray:
     """Scores on the top principal components, signs fixed (largest loading positive) so runs agree."""
-    if not 0 < n_components <= min(matrix.shape):
-        raise ConfigError(f"n_components must be between 1 and {min(matrix.shape)} for this data, got {n_components}")
+    check_number("n_components (for this data)", n_components, low=1, high=min(matrix.shape), integer=True)
     centred = matrix - matrix.mean(axis=0, keepdims=True)
     _, _, components = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
     components = components[:n_components]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from perturbedvae.checks import check_number
 from perturbedvae.errors import ConfigError, did_you_mean
 from perturbedvae.model.likelihoods import LIKELIHOOD_HEADS
 from perturbedvae.model.masks import EVAL_MASK_MODES, MASK_FAMILIES
@@ -111,9 +111,9 @@ class PerturbedVAEConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_input", "n_genes", "n_perturbations", "n_latent", "n_hidden", "n_layers"):
-            _check_positive_int(name, getattr(self, name))
+            check_number(name, getattr(self, name), low=1, integer=True)
         if self.gene_feature_dim is not None:
-            _check_positive_int("gene_feature_dim", self.gene_feature_dim)
+            check_number("gene_feature_dim", self.gene_feature_dim, low=1, integer=True)
         for name in ("causal_layer", "pairwise_interaction"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -128,13 +128,13 @@ class PerturbedVAEConfig:
             raise ConfigError(f"reference_controls must be a non-negative integer, got {self.reference_controls!r}")
         _check_choice("mask_kind", self.mask_kind, tuple(MASK_FAMILIES))
         _check_choice("eval_mask", self.eval_mask, EVAL_MASK_MODES)
-        _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
-        _check_number("mask_prior_prob", self.mask_prior_prob, low=0.0, high=1.0, low_open=True, high_open=True)
-        _check_number("mask_temperature", self.mask_temperature, low=0.0, low_open=True)
-        _check_number("effect_init_std", self.effect_init_std, low=0.0, low_open=True)
-        _check_number("saturation_init", self.saturation_init, low=1.0, low_open=True)
+        check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        check_number("mask_prior_prob", self.mask_prior_prob, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_number("mask_temperature", self.mask_temperature, low=0.0, low_open=True)
+        check_number("effect_init_std", self.effect_init_std, low=0.0, low_open=True)
+        check_number("saturation_init", self.saturation_init, low=1.0, low_open=True)
         for name in ("kl_weight", "alignment_weight", "sparsity_weight", "dag_weight", "counterfactual_weight"):
-            _check_number(name, getattr(self, name), low=0.0)
+            check_number(name, getattr(self, name), low=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -176,31 +176,6 @@ class PerturbedVAEConfig:
         return cls.from_dict(values)
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _check_number(
-    name: str,
-    value: object,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Raise a ConfigError unless `value` is a finite real number inside the stated interval."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        interval = f"{left}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{right}"
-        raise ConfigError(f"{name} must lie in {interval}, got {value!r}")
