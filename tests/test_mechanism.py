@@ -136,7 +136,7 @@ def test_predictions_are_anchored_on_measured_singles():
     torch.testing.assert_close(change[3], output.modelled[3])  # gene 3 has no measured single: the model alone
 
 
-@pytest.mark.parametrize(("likelihood", "saturation"), [("gaussian", "genes"), ("nb", "genes"), ("gaussian", "nodes")])
+@pytest.mark.parametrize(("likelihood", "saturation"), [("gaussian", "genes"), ("nb", "genes"), ("gaussian", "nodes"), ("gaussian", "both")])
 def test_mechanism_module_trains_predicts_and_round_trips(likelihood, saturation, tmp_path):
     torch.manual_seed(0)
     batch = synthetic_batch(likelihood)

@@ -78,7 +78,7 @@ class MechanismEffects(nn.Module):
         self.register_buffer("has_prior", torch.zeros(p, dtype=torch.bool))
         self.register_buffer("gene_scale", torch.ones(g))
         # Saved only where it is used, so heads saved before the option existed still load.
-        self.register_buffer("node_scale", torch.ones(k), persistent=config.saturation == "nodes")
+        self.register_buffer("node_scale", torch.ones(k), persistent=config.saturation != "genes")
 
     uses_features = False
     """No gene-feature network: every perturbation gene has its own effect and mask (see `PerturbationEffects`)."""
@@ -135,10 +135,12 @@ class MechanismEffects(nn.Module):
         return u.squeeze(1).to(shift.dtype)
 
     def decode(self, u: torch.Tensor) -> torch.Tensor:
-        """σ(u W) (or τ(u) W, `saturation: nodes`): the gene-level change of latent responses u [R, K]."""
+        """The gene-level change of responses u [R, K]: σ(u W); τ(u) W with saturation nodes; σ(τ(u) W) with both."""
+        if self.config.saturation in ("nodes", "both"):
+            node_scale = self.kappa * self.node_scale
+            u = node_scale * torch.tanh(u / node_scale)
         if self.config.saturation == "nodes":
-            scale = self.kappa * self.node_scale
-            return (scale * torch.tanh(u / scale)) @ self.programs
+            return u @ self.programs
         scale = self.kappa * self.gene_scale
         return scale * torch.tanh((u @ self.programs) / scale)
 
