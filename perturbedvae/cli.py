@@ -99,7 +99,7 @@ def _evaluate_with_baselines(data, split, model_predictions, out: Path, de_metho
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from perturbedvae.data.splits import Split
-    from perturbedvae.evaluate.predictions import Predictions
+    from perturbedvae.predictions import Predictions
 
     data = _load_data(args)
     split = Split.load(args.split)

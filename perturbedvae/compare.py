@@ -49,13 +49,13 @@ from perturbedvae.evaluate import plots
 from perturbedvae.evaluate.baselines import BASELINES, predict_baselines
 from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
 from perturbedvae.evaluate.gi import interaction_summary, interaction_table
-from perturbedvae.evaluate.predictions import Predictions
 from perturbedvae.evaluate.report import (
     SEED_TABLE_METRICS,
     ReportDocument,
     seed_statistics,
     seed_summary_frame,
 )
+from perturbedvae.predictions import Predictions
 from perturbedvae.processes import is_main_process
 from perturbedvae.train.config import (
     INPUT_PATH_KEYS,

@@ -28,7 +28,7 @@ from perturbedvae.data.splits import Split
 from perturbedvae.errors import ConfigError
 from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
 from perturbedvae.evaluate.evaluator import write_metrics
-from perturbedvae.evaluate.predictions import Predictions
+from perturbedvae.predictions import Predictions
 from perturbedvae.train.cell_holdout import check_cell_task_config, datamodule_without_cells, train_head
 from perturbedvae.train.config import ExperimentConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule

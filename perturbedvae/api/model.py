@@ -29,7 +29,7 @@ from accelerate.state import AcceleratorState
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.splits import Split
 from perturbedvae.errors import ConfigError
-from perturbedvae.evaluate.predictions import Predictions
+from perturbedvae.predictions import Predictions
 from perturbedvae.train.config import ExperimentConfig, RepresentationConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule, is_predictable
 from perturbedvae.train.predict import predict_from_controls

@@ -34,8 +34,9 @@ from perturbedvae.data.loading import PerturbationData, load_dataset
 from perturbedvae.data.splits import ROLES, Split, make_split
 from perturbedvae.encoders.lora import save_adapters
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
-from perturbedvae.evaluate import Evaluator, Predictions, compare, write_metrics
+from perturbedvae.evaluate import Evaluator, compare, write_metrics
 from perturbedvae.model import PerturbedVAEHead
+from perturbedvae.predictions import Predictions
 from perturbedvae.train.config import DataConfig, ExperimentConfig, SplitConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule, dense_rows, hold_out_cells, is_predictable
 from perturbedvae.train.diagnostics import latent_diagnostics
