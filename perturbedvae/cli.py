@@ -133,8 +133,8 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from perturbedvae.api.fitting import train_from_config
     from perturbedvae.train.config import load_config
-    from perturbedvae.train.runs import train_from_config
 
     run_dir = train_from_config(load_config(args.config, args.overrides), resume=args.resume)
     if is_main_process():

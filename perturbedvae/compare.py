@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 import yaml
 
+from perturbedvae.api.fitting import train_from_config
 from perturbedvae.data.conditions import genes_of
 from perturbedvae.data.de import DEGenes, compute_de_genes
 from perturbedvae.data.loading import PerturbationData
@@ -65,7 +66,7 @@ from perturbedvae.train.config import (
 )
 from perturbedvae.train.datamodule import is_predictable, multi_hot
 from perturbedvae.train.representation import ENCODER_INPUTS_KEY
-from perturbedvae.train.runs import LoadedRun, load_run, train_from_config
+from perturbedvae.train.runs import LoadedRun, load_run
 from perturbedvae.yaml_files import read_yaml_mapping
 
 COMPARE_PREFIX = "compare."
