@@ -25,7 +25,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "Baseline": ("perturbedvae.evaluate.baselines", "Baseline"),
     "all_baselines": ("perturbedvae.evaluate.baselines", "all_baselines"),
     "evaluate_models": ("perturbedvae.evaluate.benchmark", "evaluate_predictors"),
-    "Predictions": ("perturbedvae.evaluate.predictions", "Predictions"),
+    "Predictions": ("perturbedvae.predictions", "Predictions"),
     "Split": ("perturbedvae.data.splits", "Split"),
 }
 

@@ -20,14 +20,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from perturbedvae.api.fitting import train_head
 from perturbedvae.checks import check_number
 from perturbedvae.data.conditions import CONTROL
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.errors import ConfigError
 from perturbedvae.evaluate.evaluator import Evaluator, compare, write_metrics
-from perturbedvae.evaluate.predictions import Predictions
-from perturbedvae.train.cell_holdout import check_cell_task_config, datamodule_without_cells, train_head
+from perturbedvae.predictions import Predictions
+from perturbedvae.train.cell_holdout import check_cell_task_config, datamodule_without_cells
 from perturbedvae.train.config import load_config
 from perturbedvae.train.datamodule import dense_rows, hold_out_cells
 from perturbedvae.train.predict import predict_from_controls

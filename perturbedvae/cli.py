@@ -99,7 +99,7 @@ def _evaluate_with_baselines(data, split, model_predictions, out: Path, de_metho
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from perturbedvae.data.splits import Split
-    from perturbedvae.evaluate.predictions import Predictions
+    from perturbedvae.predictions import Predictions
 
     data = _load_data(args)
     split = Split.load(args.split)
@@ -133,8 +133,8 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from perturbedvae.api.fitting import train_from_config
     from perturbedvae.train.config import load_config
-    from perturbedvae.train.runs import train_from_config
 
     run_dir = train_from_config(load_config(args.config, args.overrides), resume=args.resume)
     if is_main_process():

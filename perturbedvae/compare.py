@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 import yaml
 
+from perturbedvae.api.fitting import train_from_config
 from perturbedvae.data.conditions import genes_of
 from perturbedvae.data.de import DEGenes, compute_de_genes
 from perturbedvae.data.loading import PerturbationData
@@ -49,13 +50,13 @@ from perturbedvae.evaluate import plots
 from perturbedvae.evaluate.baselines import BASELINES, predict_baselines
 from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
 from perturbedvae.evaluate.gi import interaction_summary, interaction_table
-from perturbedvae.evaluate.predictions import Predictions
 from perturbedvae.evaluate.report import (
     SEED_TABLE_METRICS,
     ReportDocument,
     seed_statistics,
     seed_summary_frame,
 )
+from perturbedvae.predictions import Predictions
 from perturbedvae.processes import is_main_process
 from perturbedvae.train.config import (
     INPUT_PATH_KEYS,
@@ -65,7 +66,7 @@ from perturbedvae.train.config import (
 )
 from perturbedvae.train.datamodule import is_predictable, multi_hot
 from perturbedvae.train.representation import ENCODER_INPUTS_KEY
-from perturbedvae.train.runs import LoadedRun, load_run, train_from_config
+from perturbedvae.train.runs import LoadedRun, load_run
 from perturbedvae.yaml_files import read_yaml_mapping
 
 COMPARE_PREFIX = "compare."

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from perturbedvae.api.fitting import train_head
 from perturbedvae.data.conditions import CONTROL
 from perturbedvae.data.covariates import TransferSplit, covariate_levels, level_data, other_level_shift, transfer_split
 from perturbedvae.data.loading import PerturbationData
@@ -28,8 +29,8 @@ from perturbedvae.data.splits import Split
 from perturbedvae.errors import ConfigError
 from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
 from perturbedvae.evaluate.evaluator import write_metrics
-from perturbedvae.evaluate.predictions import Predictions
-from perturbedvae.train.cell_holdout import check_cell_task_config, datamodule_without_cells, train_head
+from perturbedvae.predictions import Predictions
+from perturbedvae.train.cell_holdout import check_cell_task_config, datamodule_without_cells
 from perturbedvae.train.config import ExperimentConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule
 from perturbedvae.train.predict import predict_from_controls

@@ -60,8 +60,8 @@ def run_stage(stage: str, data: Path, out: Path, spec: dict, overrides: list[str
         return {"seconds": time.perf_counter() - started, "nnz_fraction": _nnz_fraction(loaded)}
     run_dir = out / "run"
     if stage == "train":
+        from perturbedvae.api.fitting import train_from_config
         from perturbedvae.train.config import load_config
-        from perturbedvae.train.runs import train_from_config
 
         config = load_config(CONFIG, [f"data.path={data}", f"output.run_dir={run_dir}", "output.overwrite=true", *overrides])
         train_from_config(config)

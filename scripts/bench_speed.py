@@ -42,9 +42,9 @@ MATMUL_SHAPES = ((512, 2000, 256), (2048, 2048, 2048))
 def train_perturbedvae(data: Path, backed: bool, epochs: int, precision: str, run_dir: Path) -> dict:
     """Train the head for `epochs` (no validation) and report its training throughput and step FLOPs."""
     from perturbedvae.train.config import load_config
-    from perturbedvae.train.initialization import initialize_head
-    from perturbedvae.train.runs import build_datamodule, load_data, load_or_make_split
-    from perturbedvae.train.trainer import Trainer
+    from perturbedvae.train.representation import head_of
+    from perturbedvae.train.runs import build_datamodule, load_data, load_or_make_split, new_module
+    from perturbedvae.train.trainer import Trainer, TrainingArguments
 
     overrides = [f"data.path={data}", f"data.backed={str(backed).lower()}", f"train.epochs={epochs}",
                  f"train.mixed_precision='{precision}'", f"output.run_dir={run_dir}", "output.overwrite=true"]
@@ -52,8 +52,8 @@ def train_perturbedvae(data: Path, backed: bool, epochs: int, precision: str, ru
     _check_sizes(config)
     data_ = load_data(config.data)
     datamodule = build_datamodule(config, data_, load_or_make_split(config.split, data_))
-    trainer = Trainer(config, datamodule, run_dir, validator=None,
-                      initialize=lambda head: initialize_head(head, datamodule, config.train.seed))
+    module = new_module(config, datamodule)
+    trainer = Trainer(module, TrainingArguments.for_head(config.train, head_of(module)), datamodule, run_dir)
     info = trainer.fit().run_info
     cells = info["train_cells_per_second"] * info["train_seconds"]
     return {"cells": cells, "seconds": info["train_seconds"], "cpu_seconds": info["train_cpu_seconds"],

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from perturbedvae.api.fitting import train_from_config
 from perturbedvae.errors import ConfigError, PerturbedVAEError
 from perturbedvae.evaluate.identifiability import identifiability_report
 from perturbedvae.train.config import ExperimentConfig, load_config
-from perturbedvae.train.runs import load_run, train_from_config
+from perturbedvae.train.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "synthetic_identifiability.yaml"

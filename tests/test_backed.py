@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from accelerate.state import AcceleratorState
 
 from perturbedvae import datasets
+from perturbedvae.api.fitting import train_from_config
 from perturbedvae.cli import main
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.embedding_cache import embed_to_cache
@@ -25,7 +26,7 @@ from perturbedvae.data.synthetic_h5ad import ScreenSpec, write_synthetic_screen
 from perturbedvae.errors import ConfigError, DataError
 from perturbedvae.train.config import RepresentationConfig, load_config
 from perturbedvae.train.representation import build_representation
-from perturbedvae.train.runs import load_run, train_from_config
+from perturbedvae.train.runs import load_run
 from tests.conftest import NORMAN_PATH, REPO
 
 SPEC = ScreenSpec(1500, n_genes=120, n_perturbed_genes=6, density=0.15, seed=3)

@@ -116,7 +116,7 @@ def test_counts_flags_reach_the_loader(tmp_path, capsys):
     (0, False, "interrupted; no checkpoint was saved (train.checkpoint_every is 0), so the run cannot be resumed"),
 ])
 def test_ctrl_c_during_train_says_how_to_continue(tmp_path, capsys, monkeypatch, checkpoint_every, saved, expected):
-    from perturbedvae.train import runs
+    from perturbedvae.api import fitting
     from tests.conftest import REPO
 
     config, run = REPO / "configs" / "synthetic_tiny.yaml", tmp_path / "run"
@@ -126,7 +126,7 @@ def test_ctrl_c_during_train_says_how_to_continue(tmp_path, capsys, monkeypatch,
             (run / "checkpoints" / "epoch_0002").mkdir(parents=True)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, "train_from_config", interrupted_training)
+    monkeypatch.setattr(fitting, "train_from_config", interrupted_training)
     argv = ["train", "--config", str(config), f"output.run_dir={run}"]
     overrides = [] if checkpoint_every == 2 else [f"train.checkpoint_every={checkpoint_every}"]
     assert main([*argv, *overrides]) == 130

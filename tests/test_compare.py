@@ -22,7 +22,7 @@ from perturbedvae.evaluate.gi import (
     norman_magnitude,
     residual_norm,
 )
-from perturbedvae.evaluate.predictions import Predictions
+from perturbedvae.predictions import Predictions
 from tests.conftest import REPO
 from tests.test_plots import assert_readable_png
 

@@ -12,8 +12,9 @@ import pytest
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.errors import DataError
-from perturbedvae.evaluate import Evaluator, Predictions, compare, write_metrics
+from perturbedvae.evaluate import Evaluator, compare, write_metrics
 from perturbedvae.evaluate.evaluator import METRICS
+from perturbedvae.predictions import Predictions
 from tests.conftest import make_toy_adata
 
 GROUPS = {"single": ["G0", "G1", "G2"], "double": ["G0+G1", "G1+G2"]}

@@ -17,7 +17,7 @@ import pytest
 from perturbedvae.data.conditions import CONTROL, genes_of
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.evaluate.evaluator import Evaluator
-from perturbedvae.evaluate.predictions import Predictions
+from perturbedvae.predictions import Predictions
 
 gears_data_utils = pytest.importorskip("gears.data_utils")
 gears_inference = pytest.importorskip("gears.inference")

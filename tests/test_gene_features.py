@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from accelerate.state import AcceleratorState
 
+from perturbedvae.api.fitting import train_from_config
 from perturbedvae.data.gene_features import (
     assemble,
     coexpression_block,
@@ -23,7 +24,7 @@ from perturbedvae.data.matrix import InMemoryRows
 from perturbedvae.data.splits import make_split
 from perturbedvae.errors import ConfigError, SplitError
 from perturbedvae.train.config import load_config
-from perturbedvae.train.runs import load_run, train_from_config
+from perturbedvae.train.runs import load_run
 from tests.conftest import PAPALEXI_PATH, make_toy_adata
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,7 @@
-"""Imports flow one way: core helpers -> data -> model -> encoders -> evaluate -> train -> the model class
-(api) -> experiments (compare, benchmark) -> CLI. Read from the source, lazy imports inside functions too."""
+"""Imports flow one way: core helpers -> data (and the prediction format) -> model -> encoders -> evaluate |
+train -> the model class (api) -> experiments (compare, benchmark) -> CLI. Training and evaluation share a
+layer and import neither other: the trainer is given its validation scoring as a callback, built above
+both. Read from the source, lazy imports inside functions too."""
 
 from __future__ import annotations
 
@@ -9,20 +11,35 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "perturbedvae"
 LAYERS = {
     "perturbedvae": 0, "errors": 0, "checks": 0, "files": 0, "processes": 0, "yaml_files": 0, "vocabulary": 0,
-    "data": 1, "datasets": 1,
+    "data": 1, "datasets": 1, "predictions": 1,
     "model": 2,
     "encoders": 3,
-    "evaluate": 4,
-    "train": 5,
-    "api": 6,
-    "compare": 7, "benchmark": 7, "transfer": 7, "cell_split": 7,
-    "cli": 8,
+    "evaluate": 4, "train": 4,
+    "api": 5,
+    "compare": 6, "benchmark": 6, "transfer": 6, "cell_split": 6,
+    "cli": 7,
 }
+INDEPENDENT = (("train", "evaluate"), ("evaluate", "train"))
+"""(importer, imported) packages of one layer that must not import each other."""
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "perturbedvae"
 
 
 def _layer(module: str) -> int:
-    parts = module.split(".")
-    return LAYERS[parts[1]] if len(parts) > 1 else LAYERS["perturbedvae"]
+    return LAYERS[_top(module)]
+
+
+def _package_imports() -> list[tuple[str, str]]:
+    """(module, module it imports) for every perturbedvae import in the package."""
+    pairs = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE.parent).with_suffix("")
+        module = ".".join(relative.parts[:-1] if relative.name == "__init__" else relative.parts)
+        pairs.extend((module, imported) for imported in sorted(_imports(path)))
+    return pairs
 
 
 def _imports(path: Path) -> set[str]:
@@ -41,11 +58,11 @@ def test_every_module_has_a_layer() -> None:
 
 
 def test_no_module_imports_a_higher_layer() -> None:
-    upward = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        relative = path.relative_to(PACKAGE.parent).with_suffix("")
-        module = ".".join(relative.parts[:-1] if relative.name == "__init__" else relative.parts)
-        for imported in _imports(path):
-            if _layer(imported) > _layer(module):
-                upward.append(f"{module} imports {imported}")
+    upward = [f"{module} imports {imported}" for module, imported in _package_imports() if _layer(imported) > _layer(module)]
     assert not upward, "\n".join(upward)
+
+
+def test_training_and_evaluation_import_neither_other() -> None:
+    crossing = [f"{module} imports {imported}" for module, imported in _package_imports()
+                if (_top(module), _top(imported)) in INDEPENDENT]
+    assert not crossing, "\n".join(crossing)

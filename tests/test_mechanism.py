@@ -197,7 +197,7 @@ def test_latent_diagnostics_skip_the_probe_when_conditions_have_too_few_cells(mo
     """A screen with thousands of conditions puts few cells of each into the sample: no probe, no crash."""
     from types import SimpleNamespace
 
-    from perturbedvae.train import diagnostics
+    from perturbedvae.api import diagnostics
 
     n_cells = 40
     conditions = np.array(["control"] * 10 + [f"G{i}" for i in range(30)])  # 30 conditions of one cell each

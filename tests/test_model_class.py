@@ -17,13 +17,14 @@ import yaml
 from accelerate.state import AcceleratorState
 
 import perturbedvae as pv
+from perturbedvae.api.validation import ConditionScorer
 from perturbedvae.cli import main
 from perturbedvae.data.splits import make_split
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError, DataError
 from perturbedvae.evaluate.evaluator import compare
-from perturbedvae.evaluate.predictions import Predictor
+from perturbedvae.predictions import Predictor
 from perturbedvae.train.config import load_config
-from perturbedvae.train.runs import MODEL_NAME, ConditionScorer, predict_conditions
+from perturbedvae.train.runs import MODEL_NAME, predict_conditions
 from tests.conftest import make_toy_adata
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from accelerate.state import AcceleratorState
 
+from perturbedvae.api.fitting import train_from_config
 from perturbedvae.data.splits import Split, make_split
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
 from perturbedvae.train import runs
 from perturbedvae.train.config import DataConfig, ExperimentConfig, load_config
-from perturbedvae.train.runs import RunLayout, load_run, predict_conditions, train_from_config
+from perturbedvae.train.runs import RunLayout, load_run, predict_conditions
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic_tiny.yaml"

@@ -16,11 +16,13 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
+from perturbedvae.api.fitting import train_from_config
 from perturbedvae.data.conditions import CONTROL, genes_of
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.data.splits import make_split
 from perturbedvae.data.synthetic import SimulationConfig, simulate
 from perturbedvae.errors import CheckpointError, ConfigError, TrainingDivergedError
+from perturbedvae.model import LossWeights, PerturbedVAEConfig, PerturbedVAEModule
 from perturbedvae.train.config import ExperimentConfig, TrainConfig
 from perturbedvae.train.datamodule import (
     EpochShuffleSampler,
@@ -28,9 +30,17 @@ from perturbedvae.train.datamodule import (
     hold_out_cells,
     perturbation_vocabulary,
 )
-from perturbedvae.train.representation import build_representation
-from perturbedvae.train.runs import train_from_config
-from perturbedvae.train.trainer import Selection, Trainer, make_accelerator, make_optimizer, thread_share, warmup_factor
+from perturbedvae.train.representation import build_representation, head_of
+from perturbedvae.train.runs import new_module
+from perturbedvae.train.trainer import (
+    Selection,
+    Trainer,
+    TrainingArguments,
+    make_accelerator,
+    make_optimizer,
+    thread_share,
+    warmup_factor,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SIMULATION = {"n_genes": 40, "n_latent": 4, "n_perturbations": 6, "n_combinations": 8, "cells_per_condition": 15, "n_control_cells": 60}
@@ -51,6 +61,12 @@ def tiny_config(run_dir: Path, **train) -> ExperimentConfig:
         "train": {"epochs": 4, "batch_size": 32, "lr": 3e-3, "kl_warmup_epochs": 2, "sparsity_warmup_epochs": 2, "n_control_cells": 40, **train},
         "output": {"run_dir": str(run_dir)},
     })
+
+
+def trainer_for(config: ExperimentConfig, datamodule: PerturbationDataModule, run_dir: Path, **options) -> Trainer:
+    """A trainer of a new head drawn from the config's seed, as `fit_head` gives it one."""
+    module = new_module(config, datamodule)
+    return Trainer(module, TrainingArguments.for_head(config.train, head_of(module)), datamodule, run_dir, **options)
 
 
 @pytest.fixture(scope="module")
@@ -127,17 +143,34 @@ def test_warmup_is_linear_over_epochs() -> None:
     assert warmup_factor(0, 0) == 1.0
 
 
+def test_training_arguments_warm_up_kl_and_sparsity_and_keep_the_other_weights() -> None:
+    head = PerturbedVAEModule(PerturbedVAEConfig(n_input=5, n_genes=5, n_perturbations=2, kl_weight=0.5, sparsity_weight=0.1,
+                                                 alignment_weight=2.0, dag_weight=0.01))
+    arguments = TrainingArguments.for_head(TrainConfig(kl_warmup_epochs=2, sparsity_warmup_epochs=4), head)
+    assert arguments.loss_weights_at(1) == LossWeights(kl=0.25, alignment=2.0, sparsity=0.025, dag=0.01)
+    assert arguments.loss_weights_at(4) == LossWeights(kl=0.5, alignment=2.0, sparsity=0.1, dag=0.01)
+
+
+def test_the_trainer_trains_the_module_it_is_given(datamodule, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, epochs=1)  # n_latent 4
+    given = new_module(ExperimentConfig.from_dict({**config.to_dict(), "model": {**config.model, "n_latent": 3}}), datamodule)
+    before = {name: value.clone() for name, value in given.state_dict().items()}
+    result = Trainer(given, TrainingArguments.for_head(config.train, given), datamodule, tmp_path).fit()
+    assert result.module.config.n_latent == 3
+    assert any(not torch.equal(before[name], value) for name, value in given.state_dict().items())
+
+
 def test_nan_loss_stops_with_the_step_and_cells_named(datamodule, tmp_path: Path) -> None:
     poisoned = PerturbationDataModule(datamodule.data, datamodule.split, datamodule.representation,
                                       datamodule.target, datamodule.library_size * np.nan,
                                       datamodule.perturbation_genes, datamodule.train_cells, datamodule.held_out_cells)
     with pytest.raises(TrainingDivergedError, match=r"epoch 1, step 0 .*global step 0.*cell\d+.*train.lr"):
-        Trainer(tiny_config(tmp_path), poisoned, tmp_path).fit()
+        trainer_for(tiny_config(tmp_path), poisoned, tmp_path).fit()
 
 
 def test_selection_by_an_error_keeps_the_lowest(datamodule, tmp_path: Path) -> None:
     scores = iter([0.3, 0.1, 0.2])
-    trainer = Trainer(tiny_config(tmp_path, epochs=3), datamodule, tmp_path,
+    trainer = trainer_for(tiny_config(tmp_path, epochs=3), datamodule, tmp_path,
                       validator=lambda module: {"held_out_mse": next(scores)}, selection=Selection("held_out_mse", maximize=False))
     result = trainer.fit()
     assert result.progress.best_epoch == 2
@@ -161,7 +194,7 @@ def test_held_out_cells_leave_training_per_condition(datamodule) -> None:
 
 def test_early_stopping_keeps_the_best_weights(datamodule, tmp_path: Path) -> None:
     scores = iter([0.5, 0.2, 0.1, 0.9])
-    trainer = Trainer(tiny_config(tmp_path, epochs=4, early_stopping_patience=2), datamodule, tmp_path,
+    trainer = trainer_for(tiny_config(tmp_path, epochs=4, early_stopping_patience=2), datamodule, tmp_path,
                       validator=lambda module: {"pearson_delta_de": next(scores)})
     result = trainer.fit()
     assert result.progress.epochs_done == 3 and result.progress.stopped_early
@@ -175,7 +208,7 @@ def test_early_stopping_keeps_the_best_weights(datamodule, tmp_path: Path) -> No
 
 def test_bf16_and_gradient_accumulation_train(datamodule, tmp_path: Path) -> None:
     config = tiny_config(tmp_path, epochs=1, mixed_precision="bf16", gradient_accumulation_steps=2)
-    result = Trainer(config, datamodule, tmp_path).fit()
+    result = trainer_for(config, datamodule, tmp_path).fit()
     assert result.run_info["mixed_precision"] == "bf16" and result.run_info["gradient_accumulation_steps"] == 2
     assert np.isfinite(json.loads((tmp_path / "log.jsonl").read_text())["loss"])
     assert result.run_info["train_cpu_seconds"] > 0 and result.run_info["train_cells_per_cpu_second"] > 0
@@ -293,7 +326,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path: Path) -> None
 
 def test_resume_without_checkpoint_is_refused(datamodule, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="checkpoint_every"):
-        Trainer(tiny_config(tmp_path), datamodule, tmp_path).fit(resume=True)
+        trainer_for(tiny_config(tmp_path), datamodule, tmp_path).fit(resume=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")

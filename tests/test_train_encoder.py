@@ -14,14 +14,15 @@ import torch
 from accelerate.state import AcceleratorState
 from transformers import BertModel
 
+from perturbedvae.api.fitting import train_from_config
 from perturbedvae.data.embedding_cache import MANIFEST
 from perturbedvae.encoders import load_encoder
 from perturbedvae.encoders.lora import count_trainable
 from perturbedvae.encoders.rank_value import RankValueTransformerEncoder
 from perturbedvae.train.config import ExperimentConfig, load_config
-from perturbedvae.train.representation import CachedEmbeddings, EncoderWithHead
-from perturbedvae.train.runs import build_datamodule, load_data, load_or_make_split, load_run, train_from_config
-from perturbedvae.train.trainer import Trainer
+from perturbedvae.train.representation import CachedEmbeddings, EncoderWithHead, head_of
+from perturbedvae.train.runs import build_datamodule, load_data, load_or_make_split, load_run, new_module
+from perturbedvae.train.trainer import Trainer, TrainingArguments
 from tests.conftest import REPO, VOCAB_DIR
 from tests.test_encoders_geneformer import write_tiny_geneformer
 from tests.test_lora import expected_lora_parameters
@@ -112,7 +113,8 @@ def test_uncached_frozen_encoder_runs_in_the_step_with_nothing_trainable_in_it(d
     datamodule = build_datamodule(config, data, load_or_make_split(config.split, data))
     batch = datamodule.collate(datamodule.train_cells[:4])
     assert "h" not in batch and batch["encoder_inputs"]["input_ids"].shape[0] == 4
-    result = Trainer(config, datamodule, tmp_path).fit()
+    module = new_module(config, datamodule)
+    result = Trainer(module, TrainingArguments.for_head(config.train, head_of(module)), datamodule, tmp_path).fit()
     module = result.module
     assert isinstance(module, EncoderWithHead) and count_trainable(module.backbone) == 0
     assert result.run_info["trainable_parameters"] == count_trainable(module.head)
@@ -128,7 +130,8 @@ def test_lora_trains_adapters_and_head_while_base_weights_stay(data_path, checkp
     config = encoder_config(data_path, checkpoint, tmp_path, finetune="lora", lora_r=2, lora_alpha=4, lora_dropout=0.0)
     data = load_data(config.data)
     datamodule = build_datamodule(config, data, load_or_make_split(config.split, data))
-    result = Trainer(config, datamodule, tmp_path).fit()
+    module = new_module(config, datamodule)
+    result = Trainer(module, TrainingArguments.for_head(config.train, head_of(module)), datamodule, tmp_path).fit()
     module = result.module
     assert isinstance(module, EncoderWithHead)
 

@@ -8,7 +8,7 @@
 The object owns the data and split it was given, the experiment settings (checked on construction,
 with the dotted key of any bad value) and, once trained, the head with what predictions start from: the
 representation (PCA basis or encoder), the perturbation vocabulary and the control cells. Training runs
-the very code of `perturbedvae train` (`perturbedvae.train.runs.fit_head`), so a notebook model and a
+the very code of `perturbedvae train` (`perturbedvae.api.fitting.fit_head`), so a notebook model and a
 CLI run of the same settings and seed train the same head.
 """
 
@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from accelerate.state import AcceleratorState
 
+from perturbedvae.api.fitting import fit_head
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.splits import Split
 from perturbedvae.errors import ConfigError
-from perturbedvae.evaluate.predictions import Predictions
+from perturbedvae.predictions import Predictions
 from perturbedvae.train.config import ExperimentConfig, RepresentationConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule, is_predictable
 from perturbedvae.train.predict import predict_from_controls
@@ -37,7 +38,6 @@ from perturbedvae.train.runs import (
     RunLayout,
     build_datamodule,
     checked_conditions,
-    fit_head,
     load_data,
     load_or_make_split,
     load_run,

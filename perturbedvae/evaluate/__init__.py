@@ -1,6 +1,5 @@
-"""Evaluation: the prediction format, the metrics, the evaluator and the baselines."""
+"""Evaluation: the metrics, the evaluator and the baselines (predictions are `perturbedvae.predictions`)."""
 
 from perturbedvae.evaluate.evaluator import EvaluationResult, Evaluator, compare, write_metrics
-from perturbedvae.evaluate.predictions import Predictions
 
-__all__ = ["EvaluationResult", "Evaluator", "Predictions", "compare", "write_metrics"]
+__all__ = ["EvaluationResult", "Evaluator", "compare", "write_metrics"]

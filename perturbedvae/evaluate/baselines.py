@@ -20,7 +20,7 @@ from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.splits import Split
 from perturbedvae.errors import ConfigError, SplitError, did_you_mean
 from perturbedvae.evaluate import metrics
-from perturbedvae.evaluate.predictions import Predictions
+from perturbedvae.predictions import Predictions
 
 BaselineFn = Callable[[PerturbationData, Sequence[str], Sequence[str]], Predictions]
 

@@ -16,7 +16,7 @@ from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.splits import Split
 from perturbedvae.evaluate.baselines import all_baselines
 from perturbedvae.evaluate.evaluator import Evaluator, compare
-from perturbedvae.evaluate.predictions import Predictions, Predictor
+from perturbedvae.predictions import Predictions, Predictor
 
 
 def evaluate_beside_baselines(

@@ -37,7 +37,7 @@ from perturbedvae.data.de import DEGenes
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.errors import DataError
 from perturbedvae.evaluate import metrics
-from perturbedvae.evaluate.predictions import PREDICTION_CONDITION_KEY, Predictions
+from perturbedvae.predictions import PREDICTION_CONDITION_KEY, Predictions
 
 PROFILE_METRICS: tuple[str, ...] = (
     "mse",

@@ -28,7 +28,7 @@ from perturbedvae.data.de import DEGenes
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.errors import DataError
 from perturbedvae.evaluate.metrics import pearson
-from perturbedvae.evaluate.predictions import Predictions
+from perturbedvae.predictions import Predictions
 
 GI_SCORES: tuple[str, ...] = ("residual_norm", "norman_magnitude")
 """Per-double interaction scores, each compared between prediction and observation."""

@@ -2,27 +2,22 @@
 
 Both train the head on every condition while a set of cells stays out of everything fitted: the PCA of
 the inputs, the training batches and the cells that select the epoch. `datamodule_without_cells` builds
-that data module and `train_head` trains and saves the head into a run directory; the tasks differ only in
-which cells they hold out and how they score them.
+that data module and `perturbedvae.api.fitting.train_head` trains and saves the head into a run directory;
+the tasks differ only in which cells they hold out and how they score them.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-import torch
-from accelerate import Accelerator
 
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.splits import Split
 from perturbedvae.errors import ConfigError
-from perturbedvae.model import PerturbedVAEHead
 from perturbedvae.train.config import ExperimentConfig
 from perturbedvae.train.datamodule import PerturbationDataModule, hold_out_cells
 from perturbedvae.train.representation import build_representation
-from perturbedvae.train.runs import RunLayout, fit_head
 
 
 def check_cell_task_config(config: ExperimentConfig, task: str) -> None:
@@ -48,11 +43,3 @@ def datamodule_without_cells(config: ExperimentConfig, data: PerturbationData, h
     return replace(datamodule, train_cells=np.setdiff1d(datamodule.train_cells, held_out),
                    held_out_cells=np.setdiff1d(datamodule.held_out_cells, held_out))
 
-
-def train_head(config: ExperimentConfig, datamodule: PerturbationDataModule, layout: RunLayout, accelerator: Accelerator) -> torch.nn.Module:
-    """Train as `perturbedvae train` does (`fit_head`: the epoch selected on held-out cells of the training cells when
-    configured), save the head, return the module."""
-    fitted = fit_head(config, datamodule, layout.root, accelerator)
-    head = fitted.head
-    PerturbedVAEHead(head.config, head, datamodule.perturbation_genes, datamodule.data.genes).save_pretrained(Path(layout.model))
-    return fitted.result.module

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from perturbedvae.evaluate.predictions import Predictions
+from perturbedvae.predictions import Predictions
 from perturbedvae.train.datamodule import PerturbationDataModule, multi_hot
 from perturbedvae.train.representation import ENCODER_INPUTS_KEY
 

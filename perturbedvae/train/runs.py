@@ -10,46 +10,34 @@
     <run_dir>/run_info.json      world size, precision, seed, versions, throughput, wall time
     <run_dir>/checkpoints/       Accelerate states every `train.checkpoint_every` epochs (for --resume)
 
-`train_from_config` makes one, `load_run` reads it back, `predict_conditions` answers "what would these
-perturbations do?" from it.
+`perturbedvae.api.fitting.train_from_config` makes one (it scores, so it sits above training and
+evaluation), `load_run` reads it back, `predict_conditions` answers "what would these perturbations do?"
+from it. `build_datamodule` and `new_module` make what the trainer is given.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from perturbedvae.data.conditions import check_known_genes, genes_of
-from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.loading import PerturbationData, load_dataset
 from perturbedvae.data.splits import ROLES, Split, make_split
-from perturbedvae.encoders.lora import save_adapters
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
-from perturbedvae.evaluate import Evaluator, Predictions, compare, write_metrics
-from perturbedvae.model import PerturbedVAEHead
+from perturbedvae.model import PerturbedVAEHead, PerturbedVAEModule
+from perturbedvae.predictions import Predictions
 from perturbedvae.train.config import DataConfig, ExperimentConfig, SplitConfig, load_config
-from perturbedvae.train.datamodule import PerturbationDataModule, dense_rows, hold_out_cells, is_predictable
-from perturbedvae.train.diagnostics import latent_diagnostics
-from perturbedvae.train.initialization import calibrate_head, finalize_head, initialize_head
+from perturbedvae.train.datamodule import PerturbationDataModule, hold_out_cells
+from perturbedvae.train.initialization import initialize_head
 from perturbedvae.train.predict import predict_from_controls
-from perturbedvae.train.representation import (
-    ADAPTERS_DIR,
-    PCA_FILE,
-    attach_encoder,
-    build_representation,
-    head_of,
-)
-from perturbedvae.train.trainer import SELECTION_METRIC, Selection, Trainer, TrainingResult, Validator, make_accelerator
-from perturbedvae.train.unseen_genes import check_test_predictable, with_gene_features
+from perturbedvae.train.representation import ADAPTERS_DIR, PCA_FILE, attach_encoder, build_representation
+from perturbedvae.train.unseen_genes import with_gene_features
 
 MODEL_NAME = "perturbedvae"
 """Name of the head's predictions in metrics.json (baselines sit beside it under their own names)."""
@@ -151,176 +139,32 @@ def build_datamodule(config: ExperimentConfig, data: PerturbationData, split: Sp
     return with_gene_features(config, datamodule)
 
 
-def gene_features(datamodule: PerturbationDataModule) -> torch.Tensor | None:
-    """The feature matrix of the vocabulary's genes, for a head with a gene-feature network."""
-    features = datamodule.gene_features
-    return None if features is None else torch.from_numpy(features.values)
+def new_module(config: ExperimentConfig, datamodule: PerturbationDataModule) -> torch.nn.Module:
+    """A new head drawn from `train.seed`, joined to the encoder backbone when the representation runs in the loop.
 
-
-class ConditionScorer:
-    """Scores counterfactual predictions of held-out conditions the head can express.
-
-    Conditions with a gene outside the perturbation vocabulary (never perturbed in training) cannot be
-    predicted by a head without gene features; they are left out and listed in `skipped`.
+    The seed is set here, right before the weights are drawn (the trainer seeds nothing), so one seeded
+    stream runs from them through every training step. A mechanism head starts from the SVD fit of the
+    measured singles. The backbone is the representation's own module (shared, not copied), so what
+    trains in it is what later predictions and the saved adapters use.
     """
-
-    def __init__(self, datamodule: PerturbationDataModule, conditions: Sequence[str], subgroups: Mapping[str, Sequence[str]], de_method: str, n_de_genes: int, control_cells: np.ndarray) -> None:
-        vocabulary = datamodule.perturbation_genes
-        self.datamodule = datamodule
-        self.conditions = [name for name in conditions if is_predictable(name, vocabulary)]
-        self.skipped = [name for name in conditions if not is_predictable(name, vocabulary)]
-        groups = {group: [name for name in names if name in set(self.conditions)] for group, names in subgroups.items()}
-        self.groups = {group: names for group, names in groups.items() if names} or {"all": self.conditions}
-        self.de_method, self.n_de_genes = de_method, n_de_genes
-        self.control_cells = control_cells
-        self._evaluator: Evaluator | None = None
-
-    @property
-    def evaluator(self) -> Evaluator:
-        """Built on first use, so only the process that scores pays for the DE genes."""
-        if self._evaluator is None:
-            de = compute_de_genes(self.datamodule.data, method=self.de_method, n_top=self.n_de_genes)
-            self._evaluator = Evaluator(self.datamodule.data, de, self.groups)
-        return self._evaluator
-
-    def predict(self, module: torch.nn.Module) -> Predictions:
-        return predict_from_controls(module, self.datamodule, self.conditions, self.control_cells)
-
-    def __call__(self, module: torch.nn.Module) -> dict[str, float]:
-        return {name: float(value) for name, value in self.evaluator.evaluate(self.predict(module)).overall.items()}
+    features = None if datamodule.gene_features is None else torch.from_numpy(datamodule.gene_features.values)
+    head_config = config.model_config(
+        n_input=datamodule.representation.dim,
+        n_genes=len(datamodule.data.genes),
+        n_perturbations=len(datamodule.perturbation_genes),
+        gene_feature_dim=None if features is None else features.shape[1],
+    )
+    set_seed(config.train.seed)
+    head = PerturbedVAEModule(head_config, gene_features=features)
+    module = attach_encoder(datamodule.representation, head)
+    if head_config.composition == "mechanism":
+        initialize_head(head, datamodule, config.train.seed)
+    return module
 
 
-HELD_OUT_METRIC = "held_out_mse"
-
-
-class HeldOutCellScorer:
-    """Scores each training condition's counterfactual prediction against the mean of its held-out cells.
-
-    The score is the mean over conditions of the MSE across genes (lower is better): it selects the epoch
-    on the prediction path itself, on cells no step trained on, without spending a held-out condition.
-    """
-
-    selection = Selection(HELD_OUT_METRIC, maximize=False)
-
-    def __init__(self, datamodule: PerturbationDataModule, control_cells: np.ndarray) -> None:
-        held = datamodule.held_out_cells
-        conditions = datamodule.data.conditions[held]
-        self.conditions = sorted(set(conditions) & set(datamodule.split.train))
-        self.datamodule, self.control_cells = datamodule, control_cells
-        expression = datamodule.data.expression
-        self.observed = np.vstack([dense_rows(expression, held[conditions == name]).mean(axis=0, dtype=np.float64) for name in self.conditions]) if self.conditions else None
-
-    def __call__(self, module: torch.nn.Module) -> dict[str, float]:
-        predicted = predict_from_controls(module, self.datamodule, self.conditions, self.control_cells).means.to_numpy()
-        return {HELD_OUT_METRIC: float(((predicted - self.observed) ** 2).mean())}
-
-
-def make_validator(config: ExperimentConfig, datamodule: PerturbationDataModule, split: Split, controls: np.ndarray) -> tuple[Validator | None, Selection, list[str]]:
-    """The run's validator, its selection rule and the validation conditions it cannot predict."""
-    if config.train.selection == "last":
-        return None, Selection(), []
-    if config.train.selection == "held_out_cells":
-        scorer = HeldOutCellScorer(datamodule, controls)
-        return (scorer if scorer.conditions else None), scorer.selection, []
-    validator = ConditionScorer(datamodule, split.val, split.val_subgroups, config.data.de_method, config.data.n_de_genes, controls)
-    if not validator.conditions:
-        warnings.warn("no validation condition the head can predict: model selection uses the last epoch", UserWarning, stacklevel=3)
-        return None, Selection(), validator.skipped
-    return validator, Selection(), validator.skipped
-
-
-def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
-    """Train the experiment a config describes, evaluate it on the test conditions, return the run dir.
-
-    Works in one process or under `accelerate launch`; only the main process writes files.
-
-    Raises:
-        ConfigError: the run directory already holds a run (pass output.overwrite=true or resume).
-        CheckpointError: resume without checkpoints, or with a config that changes more than train.epochs.
-    """
-    config.data.require_source()  # before the run directory is prepared (and an old run replaced)
-    layout = RunLayout(Path(config.output.run_dir))
-    accelerator = make_accelerator(config.train)
-    if accelerator.is_main_process:
-        _prepare_run_dir(layout, config, resume)
-    accelerator.wait_for_everyone()
-    data = load_data(config.data)
-    split = Split.load(layout.split) if resume and layout.split.is_file() else load_or_make_split(config.split, data)
-    with accelerator.main_process_first():  # the main process fills the embedding cache, the others read it
-        datamodule = build_datamodule(config, data, split, layout.root if resume and layout.representation.is_file() else None)
-    check_test_predictable(config, datamodule)
-    if accelerator.is_main_process:
-        config.save(layout.config)
-        split.save(layout.split)
-        datamodule.representation.save(layout.root)
-    fitted = fit_head(config, datamodule, layout.root, accelerator, resume)
-    if accelerator.is_main_process:
-        head, controls = fitted.head, fitted.controls
-        PerturbedVAEHead(head.config, head, datamodule.perturbation_genes, data.genes).save_pretrained(layout.model)
-        if datamodule.representation.finetune:
-            save_adapters(datamodule.representation.encoder, layout.adapters)
-        test_scorer = ConditionScorer(datamodule, split.test, split.test_subgroups, config.data.de_method, config.data.n_de_genes, controls)
-        run_info = {**fitted.result.run_info, "latent": _latent_record(fitted.trainer, head, datamodule, config.train.seed, fitted.initialize), "data_fingerprint": data.fingerprint, "n_train_cells": len(datamodule.train_cells),
-                    "unpredictable_val_conditions": fitted.unpredictable_val, "unpredictable_test_conditions": test_scorer.skipped,
-                    "gene_features": _feature_record(datamodule)}
-        if test_scorer.conditions:
-            summary, tidy = compare(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(fitted.result.module)})
-            write_metrics(summary, tidy, layout.root)
-        layout.run_info.write_text(json.dumps(run_info, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    return layout.root
-
-
-def _feature_record(datamodule: PerturbationDataModule) -> dict | None:
-    """Which source described each perturbation gene, and the width of each block (None without gene features)."""
-    features = datamodule.gene_features
-    return None if features is None else {"columns": dict(features.columns), "sources_of": features.sources_of}
-
-
-@dataclass
-class FittedHead:
-    """What `fit_head` trained: the module that predicts, the starting control cells and the run's facts."""
-
-    trainer: Trainer
-    result: TrainingResult
-    datamodule: PerturbationDataModule
-    controls: np.ndarray
-    unpredictable_val: list[str]
-    initialize: Callable[[torch.nn.Module], None] | None
-
-    @property
-    def head(self) -> torch.nn.Module:
-        return head_of(self.result.module)
-
-
-def fit_head(config: ExperimentConfig, datamodule: PerturbationDataModule, run_dir: Path, accelerator: Accelerator,
-             resume: bool = False) -> FittedHead:
-    """Train the head a config describes on a built datamodule (any data, in memory or from a file).
-
-    `run_dir` receives the log and checkpoints. The main process finalizes the head (anchors and control
-    calibration on all cells of the training conditions), as predictions need.
-    """
-    controls = datamodule.control_cells(config.train.n_control_cells, config.train.seed)
-    validator, selection, unpredictable_val = make_validator(config, datamodule, datamodule.split, controls)
-    mechanism = config.model["composition"] == "mechanism"
-    initialize = (lambda head: initialize_head(head, datamodule, config.train.seed)) if mechanism else None
-    calibrate = (lambda head: calibrate_head(head, datamodule)) if mechanism else None
-    trainer = Trainer(config, datamodule, run_dir, validator, gene_features(datamodule), accelerator, selection,
-                      initialize, calibrate)
-    result = trainer.fit(resume=resume)
-    if accelerator.is_main_process:
-        finalize_head(head_of(result.module), datamodule)
-    return FittedHead(trainer, result, datamodule, controls, unpredictable_val, initialize)
-
-
-def _latent_record(trainer: Trainer, head, datamodule: PerturbationDataModule, seed: int, initialize) -> dict:
-    """`latent_diagnostics` of the trained head, and the alignment statistic of the head as initialised."""
-    with torch.random.fork_rng(devices=[]):
-        initial = head_of(trainer.build_module())
-        if initialize is not None:
-            initialize(initial)
-    before = latent_diagnostics(initial.to(next(head.parameters()).device), datamodule, seed, probe=False)
-    return {**latent_diagnostics(head, datamodule, seed), **{f"initial_{key}": value for key, value in before.items()}}
+def save_head(head: PerturbedVAEModule, datamodule: PerturbationDataModule, directory: Path) -> None:
+    """`PerturbedVAEHead.save_pretrained` of a trained head with the vocabulary and genes it predicts."""
+    PerturbedVAEHead(head.config, head, datamodule.perturbation_genes, datamodule.data.genes).save_pretrained(directory)
 
 
 MIN_FREE_BYTES = 200 * 2**20
@@ -472,5 +316,4 @@ def predict_conditions(
     return load_run(run_dir).predict(conditions, per_cell=per_cell, sample_seed=sample_seed)
 
 
-__all__ = ["SELECTION_METRIC", "FittedHead", "LoadedRun", "RunLayout", "checked_conditions", "fit_head", "load_run", "predict_conditions",
-           "train_from_config"]
+__all__ = ["LoadedRun", "RunLayout", "build_datamodule", "checked_conditions", "load_run", "new_module", "predict_conditions", "save_head"]

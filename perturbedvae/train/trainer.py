@@ -3,10 +3,12 @@
 Accelerate places tensors, wraps the head (with the encoder backbone, when the encoder runs inside the
 step: `EncoderWithHead`) for DDP/FSDP, runs mixed precision and gradient accumulation,
 and saves/restores complete checkpoints (weights, optimizer, every process's RNG, and our progress
-record). The loop adds what is specific to this head: KL and sparsity warm-ups, validation on held-out
-conditions (counterfactual predictions scored by `pearson_delta_de`) for model selection and early
-stopping, and a readable log. Resuming from a checkpoint replays exactly what an uninterrupted run does:
-data order depends only on (seed, epoch) and RNG states come back with the checkpoint.
+record). The loop adds what is specific to this head: KL and sparsity warm-ups, model selection and early
+stopping on a validation callback it is given (it only calls it: the scorers live above training, in
+`perturbedvae.api.validation`), and a readable log. It trains the module it is given; building one from
+an experiment config is the caller's job (`perturbedvae.train.runs.new_module`). Resuming from a
+checkpoint replays exactly what an uninterrupted run does: data order depends only on (seed, epoch) and
+RNG states come back with the checkpoint.
 
 Only the main process writes files (Accelerate's per-process RNG files inside checkpoints aside).
 """
@@ -14,6 +16,7 @@ Only the main process writes files (Accelerate's per-process RNG files inside ch
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -27,14 +30,14 @@ from typing import Any
 import accelerate
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list
 from tqdm.auto import tqdm
 
 from perturbedvae import __version__ as perturbedvae_version
 from perturbedvae.errors import CheckpointError, ConfigError, TrainingDivergedError
 from perturbedvae.model import LossWeights, PerturbedVAEModule
 from perturbedvae.train.checkpoints import checkpoint_dirs, save_checkpoint, verify_checkpoint
-from perturbedvae.train.config import ExperimentConfig, TrainConfig
+from perturbedvae.train.config import TrainConfig
 from perturbedvae.train.datamodule import INDEX_KEY, PerturbationDataModule
 from perturbedvae.train.representation import attach_encoder, head_of
 
@@ -56,6 +59,35 @@ class Selection:
 
 Validator = Callable[[torch.nn.Module], Mapping[str, float]]
 """Scores the (unwrapped) head; must return the metric of the trainer's `Selection`."""
+
+
+@dataclass(frozen=True)
+class TrainingArguments:
+    """What the trainer is told besides the module: the optimisation settings and the loss-weight schedule.
+
+    Attributes:
+        settings: The experiment's `train` section (epochs, lr, warm-ups, precision, patience...).
+        loss_weights: The weights of the loss terms once warmed up; KL and sparsity rise linearly from 0
+            over `settings.kl_warmup_epochs` and `settings.sparsity_warmup_epochs`.
+    """
+
+    settings: TrainConfig
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+
+    @classmethod
+    def for_head(cls, settings: TrainConfig, head: PerturbedVAEModule) -> TrainingArguments:
+        """The head config's loss weights (`kl_weight`, `sparsity_weight`...) on the schedule of `settings`."""
+        return cls(settings, LossWeights.from_config(head.config))
+
+    def loss_weights_at(self, epoch: int) -> LossWeights:
+        """The weights of epoch `epoch` (0-based): KL and sparsity warmed up, alignment and DAG constant."""
+        full, settings = self.loss_weights, self.settings
+        return LossWeights(
+            kl=full.kl * warmup_factor(epoch, settings.kl_warmup_epochs),
+            alignment=full.alignment,
+            sparsity=full.sparsity * warmup_factor(epoch, settings.sparsity_warmup_epochs),
+            dag=full.dag,
+        )
 
 
 @dataclass
@@ -161,62 +193,50 @@ def warmup_factor(epoch: int, warmup_epochs: int) -> float:
 
 
 class Trainer:
-    """Trains a PerturbedVAE head on a datamodule.
+    """Trains a PerturbedVAE head (or encoder + head) on a datamodule.
+
+    The trainer seeds nothing: the caller seeds, then draws the module's weights (`new_module` does both),
+    so one seeded stream runs from the initial weights through every training step. A resumed run
+    takes its RNG states from the checkpoint.
 
     Args:
-        config: The experiment (its `train` and `model` sections are used here).
+        module: The head, or an `EncoderWithHead` whose backbone is the datamodule representation's own
+            module (so what trains in it is what later predictions and saved adapters use).
+        arguments: Optimisation settings and the loss-weight schedule.
         datamodule: Batches and the perturbation vocabulary.
         run_dir: Where the log, run info and checkpoints go (created by the main process).
         validator: Called on the main process every `train.eval_every` epochs; None disables
             validation (then the last epoch's weights are kept).
-        gene_features: Per-perturbation-gene features for heads with `gene_feature_dim`.
         accelerator: An Accelerator made by `make_accelerator` (made here when None).
         selection: The validator's metric that picks the kept epoch, and its direction.
-        initialize: Called on a new head before training (e.g. `initialization.initialize_head`).
         calibrate: Called on the (unwrapped) head before each validation and on the final head without
             validation (e.g. `initialization.calibrate_head`).
     """
 
     def __init__(
         self,
-        config: ExperimentConfig,
+        module: torch.nn.Module,
+        arguments: TrainingArguments,
         datamodule: PerturbationDataModule,
         run_dir: Path,
         validator: Validator | None = None,
-        gene_features: torch.Tensor | None = None,
         accelerator: Accelerator | None = None,
         selection: Selection = Selection(),
-        initialize: Callable[[PerturbedVAEModule], None] | None = None,
         calibrate: Callable[[PerturbedVAEModule], None] | None = None,
     ) -> None:
-        self.config = config
+        self.module = module
+        self.arguments = arguments
+        self.settings = arguments.settings
         self.selection = selection
-        self.initialize = initialize
         self.calibrate = calibrate
-        self.settings = config.train
         self.datamodule = datamodule
         self.run_dir = Path(run_dir)
         self.validator = validator
-        self.gene_features = gene_features
-        self.accelerator = accelerator or make_accelerator(config.train)
+        self.accelerator = accelerator or make_accelerator(arguments.settings)
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
-
-    def build_module(self) -> torch.nn.Module:
-        """A new head, joined to the encoder backbone when the representation runs in the loop.
-
-        The backbone is the representation's own module (shared, not copied), so what trains in it is
-        what later predictions and the saved adapters use.
-        """
-        model_config = self.config.model_config(
-            n_input=self.datamodule.representation.dim,
-            n_genes=len(self.datamodule.data.genes),
-            n_perturbations=len(self.datamodule.perturbation_genes),
-            gene_feature_dim=None if self.gene_features is None else self.gene_features.shape[1],
-        )
-        return attach_encoder(self.datamodule.representation, PerturbedVAEModule(model_config, gene_features=self.gene_features))
 
     def fit(self, resume: bool = False) -> TrainingResult:
         """Train (or resume the last checkpoint) and return the head with the best validation weights.
@@ -225,11 +245,8 @@ class Trainer:
             CheckpointError: `resume` without a checkpoint in the run directory.
             TrainingDivergedError: a NaN or infinite loss.
         """
-        settings, accelerator = self.settings, self.accelerator
-        set_seed(settings.seed)
-        module = self.build_module()
-        if self.initialize is not None:
-            self.initialize(head_of(module))
+        settings, accelerator, module = self.settings, self.accelerator, self.module
+        final = self._plain_copy(module)
         trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
         optimizer = make_optimizer(trainable, settings)
         loader = self.datamodule.train_loader(settings.batch_size, settings.seed, settings.shuffle_block)
@@ -260,7 +277,7 @@ class Trainer:
             if settings.checkpoint_every and progress.epochs_done % settings.checkpoint_every == 0:
                 save_checkpoint(accelerator, self.run_dir, progress.epochs_done)
 
-        head = self._final_head(module, progress)
+        head = self._final_head(final, module, progress)
         run_info = self._run_info(progress, cells_seen, train_seconds, time.perf_counter() - started)
         # This process's CPU time (all its threads): unlike wall time, barely moved by other jobs on the cores.
         run_info["train_cpu_seconds"] = train_cpu_seconds
@@ -269,14 +286,22 @@ class Trainer:
         run_info["trainable_parameters"] = sum(parameter.numel() for parameter in trainable)
         return TrainingResult(head, progress, run_info)
 
-    def _final_head(self, module, progress: TrainingProgress) -> torch.nn.Module:
-        """A plain (unwrapped, unsharded) head with the best validation weights, else the last ones.
+    def _plain_copy(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A copy of the head, joined to the same (shared) encoder backbone, that `accelerator.prepare` never wraps.
+
+        `prepare` wraps the module it is given (DDP, FSDP shards, a mixed-precision forward); the final
+        weights are loaded into this copy instead.
+        """
+        return attach_encoder(self.datamodule.representation, copy.deepcopy(head_of(module)))
+
+    def _final_head(self, final: torch.nn.Module, module, progress: TrainingProgress) -> torch.nn.Module:
+        """`final` (plain: unwrapped, unsharded) with the best validation weights, else the last ones.
 
         Gathering a sharded (FSDP) state is collective, so every process calls this; the weights are
         complete on the main process, the only one that saves or evaluates them.
         """
         state = progress.best_state if progress.best_state is not None else self._full_state(module)
-        head = self.build_module().to(self.accelerator.device)
+        head = final.to(self.accelerator.device)
         if self.is_main:
             head.load_state_dict(state)
             if progress.best_state is None:
@@ -312,13 +337,7 @@ class Trainer:
     def _train_epoch(self, module, optimizer, loader, epoch: int, progress: TrainingProgress) -> tuple[dict[str, float], int]:
         """One pass over the training cells; returns cell-weighted mean losses over all processes."""
         settings, accelerator = self.settings, self.accelerator
-        model_settings = self.config.model
-        weights = LossWeights(
-            kl=model_settings["kl_weight"] * warmup_factor(epoch, settings.kl_warmup_epochs),
-            alignment=model_settings["alignment_weight"],
-            sparsity=model_settings["sparsity_weight"] * warmup_factor(epoch, settings.sparsity_warmup_epochs),
-            dag=model_settings["dag_weight"],
-        )
+        weights = self.arguments.loss_weights_at(epoch)
         loader.set_epoch(epoch)
         module.train()
         sums: dict[str, torch.Tensor] = {}

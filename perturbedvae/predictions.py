@@ -3,6 +3,9 @@
 A prediction is a mean log-normalized profile per canonical condition, optionally with predicted cells
 for the distribution metrics. On disk it is an `.h5ad` with one row per condition, or per cell, and the
 condition in `obs['condition']`, so predictions made by other tools (GEARS, scGPT...) can be read too.
+
+It sits below training and evaluation (it needs only the data layer): the trainer's prediction path
+produces it and the evaluator consumes it, without either importing the other.
 """
 
 from __future__ import annotations

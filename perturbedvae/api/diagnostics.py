@@ -5,7 +5,8 @@ probe and the alignment statistic against its permutation null (`perturbedvae.ev
 per-condition statistic when the head aligns per condition, the pooled one otherwise),
 on a seeded sample of training cells, and the density of the evaluation masks. The alignment statistic
 is also measured on the head as initialised, since a penalty that cannot tell the groups apart at the
-start can never act.
+start can never act. It measures with the evaluation package on a training datamodule, so it sits above
+both (training imports no evaluation).
 """
 
 from __future__ import annotations
