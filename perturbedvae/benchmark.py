@@ -34,7 +34,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from perturbedvae.compare import ResourceMeter, train_and_predict
+from perturbedvae.comparison.metering import ResourceMeter
+from perturbedvae.comparison.trained import train_and_predict
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.splits import BENCHMARK_PROTOCOLS, n_benchmark_folds
@@ -126,10 +127,10 @@ def run_benchmark(
                     trained = train_and_predict(config)
                 if trained is None:  # another process of `accelerate launch`: the main one scores
                     continue
-                split, base = trained.run.split, config
+                split, base = trained.model.split, config
                 named[name] = trained.predictions
                 if protocol == "singles_only":
-                    named[name + GENERATED_SUFFIX] = trained.run.predict(trained.predictions.conditions, per_cell=True, sample_seed=seed)
+                    named[name + GENERATED_SUFFIX] = trained.model.predict(trained.predictions.conditions, per_cell=True, sample_seed=seed)
                 info = trained.run_info
                 timing[f"{name}/fold_{fold}/seed_{seed}"] = {
                     "wall_seconds": round(meter.seconds, 2), "cpu_seconds": round(meter.cpu_seconds, 2),

@@ -152,7 +152,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from perturbedvae.compare import run_compare
+    from perturbedvae.comparison import run_compare
 
     out = run_compare(args.config, args.overrides)
     if is_main_process():

@@ -1,5 +1,5 @@
 """Imports flow one way: core helpers -> data -> model -> encoders -> evaluate -> train -> the model class
-(api) -> experiments (compare, benchmark) -> CLI. Read from the source, lazy imports inside functions too."""
+(api) -> experiments (comparison, benchmark) -> CLI. Read from the source, lazy imports inside functions too."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ LAYERS = {
     "evaluate": 4,
     "train": 5,
     "api": 6,
-    "compare": 7, "benchmark": 7, "transfer": 7, "cell_split": 7,
+    "comparison": 7, "benchmark": 7, "transfer": 7, "cell_split": 7,
     "cli": 8,
 }
 
