@@ -42,7 +42,7 @@ from perturbedvae.data.splits import BENCHMARK_PROTOCOLS, n_benchmark_folds
 from perturbedvae.errors import ConfigError
 from perturbedvae.evaluate import plots
 from perturbedvae.evaluate.baselines import BASELINES
-from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
+from perturbedvae.evaluate.beside_baselines import evaluate_beside_baselines
 from perturbedvae.evaluate.metrics import LOWER_IS_BETTER
 from perturbedvae.evaluate.noise_floor import noise_floor
 from perturbedvae.evaluate.report import frame_markdown

@@ -87,7 +87,7 @@ def _cmd_split(args: argparse.Namespace) -> None:
 
 
 def _evaluate_with_baselines(data, split, model_predictions, out: Path, de_method: str) -> None:
-    from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
+    from perturbedvae.evaluate.beside_baselines import evaluate_beside_baselines
     from perturbedvae.evaluate.evaluator import write_metrics
     from perturbedvae.evaluate.report import summary_markdown
 

@@ -12,7 +12,7 @@ from perturbedvae.data.conditions import genes_of
 from perturbedvae.data.de import DEGenes
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.evaluate.baselines import predict_baselines
-from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
+from perturbedvae.evaluate.beside_baselines import evaluate_beside_baselines
 from perturbedvae.evaluate.gi import interaction_table
 
 

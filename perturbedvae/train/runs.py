@@ -34,7 +34,7 @@ from perturbedvae.data.loading import PerturbationData, load_dataset
 from perturbedvae.data.splits import ROLES, Split, make_split
 from perturbedvae.encoders.lora import save_adapters
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError
-from perturbedvae.evaluate import Evaluator, Predictions, compare, write_metrics
+from perturbedvae.evaluate import Evaluator, Predictions, evaluate_named, write_metrics
 from perturbedvae.model import PerturbedVAEHead
 from perturbedvae.train.config import DataConfig, ExperimentConfig, SplitConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule, dense_rows, hold_out_cells, is_predictable
@@ -264,7 +264,7 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
                     "unpredictable_val_conditions": fitted.unpredictable_val, "unpredictable_test_conditions": test_scorer.skipped,
                     "gene_features": _feature_record(datamodule)}
         if test_scorer.conditions:
-            summary, tidy = compare(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(fitted.result.module)})
+            summary, tidy = evaluate_named(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(fitted.result.module)})
             write_metrics(summary, tidy, layout.root)
         layout.run_info.write_text(json.dumps(run_info, indent=2) + "\n")
     accelerator.wait_for_everyone()
