@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "perturbedvae"
 LAYERS = {
-    "perturbedvae": 0, "errors": 0, "files": 0, "processes": 0, "yaml_files": 0, "vocabulary": 0,
+    "perturbedvae": 0, "errors": 0, "files": 0, "processes": 0, "yaml_files": 0, "vocabulary": 0, "verbosity": 0,
     "data": 1, "datasets": 1,
     "model": 2,
     "encoders": 3,
