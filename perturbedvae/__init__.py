@@ -24,7 +24,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "PerturbedVAE": ("perturbedvae.api.model", "PerturbedVAE"),
     "Baseline": ("perturbedvae.evaluate.baselines", "Baseline"),
     "all_baselines": ("perturbedvae.evaluate.baselines", "all_baselines"),
-    "evaluate_models": ("perturbedvae.evaluate.benchmark", "evaluate_predictors"),
+    "evaluate_models": ("perturbedvae.evaluate.beside_baselines", "evaluate_predictors"),
     "Predictions": ("perturbedvae.predictions", "Predictions"),
     "Split": ("perturbedvae.data.splits", "Split"),
 }

@@ -26,7 +26,7 @@ model generates. With `singles_only` the model is also scored on cells sampled f
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,20 +34,23 @@ from pathlib import Path
 
 import pandas as pd
 
-from perturbedvae.compare import ResourceMeter, train_and_predict
+from perturbedvae.comparison.metering import ResourceMeter
+from perturbedvae.comparison.trained import train_and_predict
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.splits import BENCHMARK_PROTOCOLS, n_benchmark_folds
 from perturbedvae.errors import ConfigError
 from perturbedvae.evaluate import plots
 from perturbedvae.evaluate.baselines import BASELINES
-from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
+from perturbedvae.evaluate.beside_baselines import evaluate_beside_baselines
 from perturbedvae.evaluate.metrics import LOWER_IS_BETTER
 from perturbedvae.evaluate.noise_floor import noise_floor
 from perturbedvae.evaluate.report import frame_markdown
 from perturbedvae.evaluate.verdicts import paired_verdicts
 from perturbedvae.train.config import ExperimentConfig, load_config
 from perturbedvae.train.runs import MODEL_NAME, load_data
+
+logger = logging.getLogger(__name__)
 
 BENCHMARK_METRICS: tuple[str, ...] = ("pearson_delta_de", "mse_de", "pearson_delta", "mse", "rank", "frac_opposite_direction_de")
 SINGLES_ONLY_METRICS: tuple[str, ...] = ("nrmse", "r2", "mmd")
@@ -58,6 +61,7 @@ GENERATED_SUFFIX = "[generated]"
 TIDY_COLUMNS = ["model", "combination", "seed", "metric", "value"]
 FIGURE_LEFT_OUT = ("no_change", "train_mean")
 """Weak baselines left out of the figure (they stay in the tables): their errors dwarf the differences that matter."""
+
 DEFAULT_OVERRIDES = ("train.selection=held_out_cells", "train.checkpoint_every=0")
 """Applied before the user's overrides: epoch selection on held-out cells, no checkpoints."""
 
@@ -126,18 +130,18 @@ def run_benchmark(
                     trained = train_and_predict(config)
                 if trained is None:  # another process of `accelerate launch`: the main one scores
                     continue
-                split, base = trained.run.split, config
+                split, base = trained.model.split, config
                 named[name] = trained.predictions
                 if protocol == "singles_only":
-                    named[name + GENERATED_SUFFIX] = trained.run.predict(trained.predictions.conditions, per_cell=True, sample_seed=seed)
+                    named[name + GENERATED_SUFFIX] = trained.model.predict(trained.predictions.conditions, per_cell=True, sample_seed=seed)
                 info = trained.run_info
                 timing[f"{name}/fold_{fold}/seed_{seed}"] = {
                     "wall_seconds": round(meter.seconds, 2), "cpu_seconds": round(meter.cpu_seconds, 2),
                     "train_cells_per_second": info["train_cells_per_second"], "best_epoch": info["best_epoch"],
                     "epochs_done": info["epochs_done"], **info.get("latent", {}),
                 }
-                _progress(f"{protocol} fold {fold + 1}/{folds}, seed {seed}, {name}: best epoch {info['best_epoch']} "
-                          f"of {info['epochs_done']}, {meter.seconds:.0f} s")
+                logger.info("%s fold %d/%d, seed %d, %s: best epoch %s of %s, %.0f s", protocol, fold + 1, folds, seed, name,
+                            info["best_epoch"], info["epochs_done"], meter.seconds)
             if split is None:
                 continue
             _, tidy = evaluate_beside_baselines(data, split, named, base.data.de_method, n_de_genes=base.data.n_de_genes)
@@ -179,10 +183,6 @@ def _metrics(protocol: str) -> tuple[str, ...]:
     """The reported metrics: rank orders a fold's held-out conditions, so with one per fold (lodo) it is always 0."""
     metrics = tuple(metric for metric in BENCHMARK_METRICS if protocol != "lodo" or metric != "rank")
     return metrics + (SINGLES_ONLY_METRICS if protocol == "singles_only" else ())
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --- report ------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from perturbedvae.data.conditions import CONTROL
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.errors import ConfigError
-from perturbedvae.evaluate.evaluator import Evaluator, compare, write_metrics
+from perturbedvae.evaluate.evaluator import Evaluator, evaluate_named, write_metrics
 from perturbedvae.predictions import Predictions
 from perturbedvae.train.cell_holdout import check_cell_task_config, datamodule_without_cells
 from perturbedvae.train.config import load_config
@@ -100,4 +100,4 @@ def score_cells(data: PerturbationData, test_cells: np.ndarray, predictions: Pre
     if predictions is not None:
         named = {MODEL_NAME: predictions, **named}
     evaluator = Evaluator(test, compute_de_genes(test, method=de_method, n_top=n_de_genes), {SUBGROUP: conditions})
-    return compare(evaluator, named)
+    return evaluate_named(evaluator, named)

@@ -2,6 +2,8 @@
 
 Every subcommand is a thin layer over library functions: parse arguments, load inputs, call, write.
 User mistakes arrive as `PerturbedVAEError` and are printed as one line without a traceback (exit 2).
+What a command was asked for goes to stdout; progress and details go through `logging` to stderr, as much
+as `-q` (warnings only), the default (progress) or `-v` (details too) asks, given before the subcommand.
 Ctrl-C is one line too (exit 130, the shell's code for an interrupt), saying how to continue a training run.
 """
 
@@ -15,7 +17,10 @@ from pathlib import Path
 
 from perturbedvae.errors import ConfigError, PerturbedVAEError
 from perturbedvae.processes import is_main_process
+from perturbedvae.verbosity import set_verbosity
 from perturbedvae.yaml_files import parse_value
+
+VERBOSITY_SWITCHES = ("-q", "--quiet", "-v", "--verbose")
 
 
 def _key_values(pairs: Sequence[str]) -> dict[str, str]:
@@ -87,7 +92,7 @@ def _cmd_split(args: argparse.Namespace) -> None:
 
 
 def _evaluate_with_baselines(data, split, model_predictions, out: Path, de_method: str) -> None:
-    from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
+    from perturbedvae.evaluate.beside_baselines import evaluate_beside_baselines
     from perturbedvae.evaluate.evaluator import write_metrics
     from perturbedvae.evaluate.report import summary_markdown
 
@@ -152,7 +157,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from perturbedvae.compare import run_compare
+    from perturbedvae.comparison import run_compare
 
     out = run_compare(args.config, args.overrides)
     if is_main_process():
@@ -193,6 +198,11 @@ def _cmd_cells(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perturbedvae", description=__doc__.splitlines()[0])
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const="quiet", default="normal",
+                           help="show warnings and errors only, no progress")
+    verbosity.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const="verbose",
+                           help="also show details (what was read, ...)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     split = commands.add_parser("split", help="make a train/val/test split and save it as JSON")
@@ -304,6 +314,7 @@ def _interrupted(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_verbosity(args.verbosity)
     try:
         args.func(args)
     except PerturbedVAEError as error:
@@ -313,6 +324,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"perturbedvae {args.command}: {_interrupted(args)}", file=sys.stderr)
         return 130
     return 0
+
+
+def run_command(command: str, argv: Sequence[str]) -> int:
+    """`main` for a script that stands for one subcommand (`accelerate launch scripts/train.py -v --config ...`).
+
+    Leading `-q`/`-v` switches stay before the subcommand, where `main` reads them.
+    """
+    argv = list(argv)
+    switches = 0
+    while switches < len(argv) and argv[switches] in VERBOSITY_SWITCHES:
+        switches += 1
+    return main([*argv[:switches], command, *argv[switches:]])
 
 
 if __name__ == "__main__":

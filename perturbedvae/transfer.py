@@ -27,7 +27,7 @@ from perturbedvae.data.covariates import TransferSplit, covariate_levels, level_
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.splits import Split
 from perturbedvae.errors import ConfigError
-from perturbedvae.evaluate.benchmark import evaluate_beside_baselines
+from perturbedvae.evaluate.beside_baselines import evaluate_beside_baselines
 from perturbedvae.evaluate.evaluator import write_metrics
 from perturbedvae.predictions import Predictions
 from perturbedvae.train.cell_holdout import check_cell_task_config, datamodule_without_cells

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from perturbedvae.cli import main
+from perturbedvae.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(main(["benchmark", *sys.argv[1:]]))
+    sys.exit(run_command("benchmark", sys.argv[1:]))

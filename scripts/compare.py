@@ -10,7 +10,7 @@ Overrides `compare.KEY=VALUE` change the comparison, others (`section.key=value`
 
 import sys
 
-from perturbedvae.cli import main
+from perturbedvae.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(main(["compare", *sys.argv[1:]]))
+    sys.exit(run_command("compare", sys.argv[1:]))

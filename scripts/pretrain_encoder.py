@@ -29,6 +29,7 @@ import torch
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.encoders.pretrain import PretrainConfig, pretrain
 from perturbedvae.encoders.registry import load_encoder
+from perturbedvae.verbosity import set_verbosity
 
 SHARED_DATA = Path("../shared/data")
 
@@ -79,6 +80,7 @@ def measure_throughput(out: Path, card: Path, norman, vocab_dir: Path | None, ba
 
 def main() -> None:
     args = parse_args()
+    set_verbosity()  # the training steps' loss, as the CLI shows progress
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="unpickling")

@@ -4,6 +4,7 @@
     accelerate launch --config_file configs/accelerate/multi_gpu_bf16.yaml scripts/train.py --config configs/norman_subset.yaml
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/train.py --config configs/synthetic_tiny.yaml
     python scripts/train.py --config configs/norman_subset.yaml --resume     # continue from the last checkpoint
+    python scripts/train.py -q --config configs/synthetic_tiny.yaml          # -q: warnings only; -v: details too
 
 The same as `perturbedvae train ...`; this file exists because `accelerate launch` takes a script path.
 Overrides are `section.key=value` (see `perturbedvae.train.config`). Bad input prints one line and exits 2.
@@ -11,7 +12,7 @@ Overrides are `section.key=value` (see `perturbedvae.train.config`). Bad input p
 
 import sys
 
-from perturbedvae.cli import main
+from perturbedvae.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(run_command("train", sys.argv[1:]))

@@ -141,3 +141,26 @@ def test_n_top_genes_reaches_the_loader(norman_path):
                                       "--out", "unused.json", "--n-top-genes", "100"])
     data = _load_data(args)
     assert 100 <= len(data.genes) < 500 and set(data.perturbed_genes) & set(data.genes)
+
+
+def test_quiet_silences_progress_and_verbose_shows_details(tmp_path, capsys):
+    """`-q` hides the encoder's coverage (INFO), `-v` adds what was read (DEBUG); stdout keeps the command's answer."""
+    from tests.conftest import make_toy_adata
+
+    data = tmp_path / "toy.h5ad"
+    make_toy_adata(cells_per_condition=10).write_h5ad(data)
+    card = tmp_path / "pca.yaml"
+    card.write_text("kind: expression\nrepresentation: pca\nn_components: 4\n")
+    outputs = {}
+    for switches in ([], ["-q"], ["-v"]):
+        out = tmp_path / f"cache{''.join(switches)}"
+        assert main([*switches, "embed", str(data), "--adapter", str(card), "--out", str(out)]) == 0
+        outputs[tuple(switches)] = capsys.readouterr()
+    coverage, read = "vocabulary covers 30/30 genes", f"read {data}: 60 cells x 30 genes, 6 conditions"
+    default, quiet, verbose = outputs[()], outputs[("-q",)], outputs[("-v",)]
+    assert coverage in default.err and read not in default.err
+    assert coverage not in quiet.err and read not in quiet.err
+    assert coverage in verbose.err and read in verbose.err
+    assert all("embeddings cached in" in captured.out for captured in (default, quiet, verbose))
+    with pytest.raises(SystemExit):  # the switches are global: before the subcommand
+        main(["embed", "-q", str(data), "--adapter", str(card), "--out", str(tmp_path / "late")])

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from perturbedvae.compare import load_compare_config, run_compare
+from perturbedvae.comparison import load_compare_config, run_compare
 from perturbedvae.data.de import DEGenes
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.errors import ConfigError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -133,13 +134,14 @@ def test_nan_embeddings_are_not_cached(tmp_path, data, encoder):
         embed_to_cache(data, NaNEncoder(encoder), tmp_path)
 
 
-def test_run_embed_writes_coverage_and_cache(tmp_path, capsys):
+def test_run_embed_writes_coverage_and_cache(tmp_path, caplog):
     path = tmp_path / "toy.h5ad"
     make_toy_adata(cells_per_condition=10).write_h5ad(path)
-    entry = run_embed(path, PCA_CARD, out=tmp_path / "cache", batch_size=16)
+    with caplog.at_level(logging.INFO, logger="perturbedvae"):
+        entry = run_embed(path, PCA_CARD, out=tmp_path / "cache", batch_size=16)
     report = json.loads((entry / COVERAGE_FILE).read_text())
     assert report["n_genes"] == 30 and report["n_perturbed_covered"] == 3 and report["fraction"] == 1.0
-    assert "covers 30/30 genes" in capsys.readouterr().out
+    assert "covers 30/30 genes" in caplog.text
     assert load_embeddings(tmp_path / "cache", load_dataset(path), load_encoder(PCA_CARD)).shape == (60, 4)
 
 

@@ -12,7 +12,7 @@ import pytest
 from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.loading import load_dataset
 from perturbedvae.errors import DataError
-from perturbedvae.evaluate import Evaluator, compare, write_metrics
+from perturbedvae.evaluate import Evaluator, evaluate_named, write_metrics
 from perturbedvae.evaluate.evaluator import METRICS
 from perturbedvae.predictions import Predictions
 from tests.conftest import make_toy_adata
@@ -179,7 +179,7 @@ def test_h5ad_round_trip(toy_data, tmp_path):
 
 
 def test_compare_and_write_metrics(toy_data, evaluator, tmp_path):
-    results, tidy = compare(evaluator, {"perfect": observed_means(toy_data), "no_change": control_means(toy_data)})
+    results, tidy = evaluate_named(evaluator, {"perfect": observed_means(toy_data), "no_change": control_means(toy_data)})
     assert list(tidy.columns) == ["model", "subgroup", "condition", "metric", "value"]
     assert len(tidy) == 2 * len(CONDITIONS) * len(METRICS)
     mse = tidy[(tidy.metric == "mse") & (tidy.model == "no_change")].set_index("condition")["value"]

@@ -1,5 +1,5 @@
 """Imports flow one way: core helpers -> data (and the prediction format) -> model -> encoders -> evaluate |
-train -> the model class (api) -> experiments (compare, benchmark) -> CLI. Training and evaluation share a
+train -> the model class (api) -> experiments (comparison, benchmark) -> CLI. Training and evaluation share a
 layer and import neither other: the trainer is given its validation scoring as a callback, built above
 both. Read from the source, lazy imports inside functions too."""
 
@@ -11,12 +11,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "perturbedvae"
 LAYERS = {
     "perturbedvae": 0, "errors": 0, "checks": 0, "files": 0, "processes": 0, "yaml_files": 0, "vocabulary": 0,
+    "verbosity": 0,
     "data": 1, "datasets": 1, "predictions": 1,
     "model": 2,
     "encoders": 3,
     "evaluate": 4, "train": 4,
     "api": 5,
-    "compare": 6, "benchmark": 6, "transfer": 6, "cell_split": 6,
+    "comparison": 6, "benchmark": 6, "transfer": 6, "cell_split": 6,
     "cli": 7,
 }
 INDEPENDENT = (("train", "evaluate"), ("evaluate", "train"))

@@ -21,7 +21,7 @@ from perturbedvae.api.validation import ConditionScorer
 from perturbedvae.cli import main
 from perturbedvae.data.splits import make_split
 from perturbedvae.errors import CheckpointError, ConditionError, ConfigError, DataError
-from perturbedvae.evaluate.evaluator import compare
+from perturbedvae.evaluate.evaluator import evaluate_named
 from perturbedvae.predictions import Predictor
 from perturbedvae.train.config import load_config
 from perturbedvae.train.runs import MODEL_NAME, predict_conditions
@@ -182,7 +182,7 @@ def _notebook_metrics(config_path: Path, overrides: list[str]) -> pd.DataFrame:
     split = model.split
     scorer = ConditionScorer(model.state.datamodule, split.test, split.test_subgroups, config.data.de_method,
                              config.data.n_de_genes, model.state.controls)
-    _, tidy = compare(scorer.evaluator, {MODEL_NAME: model.predict(scorer.conditions)})
+    _, tidy = evaluate_named(scorer.evaluator, {MODEL_NAME: model.predict(scorer.conditions)})
     return tidy
 
 

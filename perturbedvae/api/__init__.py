@@ -6,5 +6,5 @@
     predictions = model.predict(["KLF1+TGFBR2"])
     results, tidy = pv.evaluate_models(data, split, {"PerturbedVAE": model})   # beside every baseline
 
-It sits above training and evaluation and below the experiments (compare, benchmark) and the CLI.
+It sits above training and evaluation and below the experiments (comparison, benchmark) and the CLI.
 """

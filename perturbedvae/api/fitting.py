@@ -21,7 +21,7 @@ from perturbedvae.api.diagnostics import latent_diagnostics
 from perturbedvae.api.validation import ConditionScorer, make_validator
 from perturbedvae.data.splits import Split
 from perturbedvae.encoders.lora import save_adapters
-from perturbedvae.evaluate import compare, write_metrics
+from perturbedvae.evaluate import evaluate_named, write_metrics
 from perturbedvae.model import PerturbedVAEModule
 from perturbedvae.train.config import ExperimentConfig
 from perturbedvae.train.datamodule import PerturbationDataModule
@@ -121,7 +121,7 @@ def train_from_config(config: ExperimentConfig, resume: bool = False) -> Path:
                     "unpredictable_val_conditions": fitted.unpredictable_val, "unpredictable_test_conditions": test_scorer.skipped,
                     "gene_features": _feature_record(datamodule)}
         if test_scorer.conditions:
-            summary, tidy = compare(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(fitted.result.module)})
+            summary, tidy = evaluate_named(test_scorer.evaluator, {MODEL_NAME: test_scorer.predict(fitted.result.module)})
             write_metrics(summary, tidy, layout.root)
         layout.run_info.write_text(json.dumps(run_info, indent=2) + "\n")
     accelerator.wait_for_everyone()

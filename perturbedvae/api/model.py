@@ -23,14 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from accelerate.state import AcceleratorState
 
-from perturbedvae.api.fitting import fit_head
+from perturbedvae.api import latents
+from perturbedvae.api.fitting import fit_head, train_from_config
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.splits import Split
 from perturbedvae.errors import ConfigError
 from perturbedvae.predictions import Predictions
+from perturbedvae.processes import is_main_process
 from perturbedvae.train.config import ExperimentConfig, RepresentationConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule, is_predictable
 from perturbedvae.train.predict import predict_from_controls
@@ -177,6 +180,17 @@ class PerturbedVAE:
         model._restore(settings_of(run.config), state)
         return model
 
+    @classmethod
+    def train_run(cls, config: ExperimentConfig, resume: bool = False) -> PerturbedVAE | None:
+        """Train the run directory a config describes, as `perturbedvae train` does, and return its model.
+
+        The directory (`output.run_dir`) gets what a run writes: checkpoints, the log, the test metrics
+        and `run_info.json` (throughput, best epoch, latent diagnostics; `model.state.run_info`). Under
+        `accelerate launch` every process trains and only the main one gets the model (the others None).
+        """
+        run_dir = train_from_config(config, resume=resume)
+        return cls.from_run(run_dir) if is_main_process() else None
+
     # --- settings --------------------------------------------------------------------------------------
 
     @property
@@ -286,6 +300,47 @@ class PerturbedVAE:
         canonical = checked_conditions(conditions, data, state.datamodule.split, state.datamodule.perturbation_genes)
         return predict_from_controls(state.predictor, state.datamodule, canonical, state.controls,
                                      per_cell=per_cell or sample_seed is not None, sample_seed=sample_seed)
+
+    # --- what the head learned ------------------------------------------------------------------------
+
+    def latent_representation(self, cells: Sequence[int] | np.ndarray | None = None, shifted: bool = False) -> np.ndarray:
+        """[cells, n_latent] the head's encoder's cell state z_inv (posterior means) of data rows `cells`.
+
+        Args:
+            cells: Row numbers of the model's data (default: every cell).
+            shifted: Add each cell's own condition's perturbation shift z_p, giving the latent the decoder
+                reads for it (every cell's condition must be predictable, see `can_predict`).
+
+        Raises:
+            ConfigError: a row number outside the data. ConditionError: `shifted` with cells of a condition
+                with a gene the head has no effect for.
+        """
+        n_obs = self.state.datamodule.data.adata.n_obs
+        rows = np.arange(n_obs) if cells is None else np.asarray(cells, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= n_obs):
+            raise ConfigError(f"cells are row numbers of the model's data, 0 to {n_obs - 1}; got {rows.min()} to {rows.max()}")
+        return latents.latent_representation(self.state, rows, shifted=shifted)
+
+    def mask_probabilities(self) -> pd.DataFrame:
+        """[perturbation genes, latent dims] probability that each gene's mask keeps each latent dimension."""
+        return latents.mask_probabilities(self.state)
+
+    def effect_vectors(self) -> pd.DataFrame:
+        """[perturbation genes, latent dims] each gene's masked effect on the latent (before causal mixing)."""
+        return latents.effect_vectors(self.state)
+
+    def gene_programs(self, dims: Sequence[int] | None = None) -> pd.DataFrame:
+        """[dims, genes] the change in decoded expression one unit along each latent dimension makes (default: all)."""
+        n_latent = latents.n_latent(self.state)
+        dims = list(range(n_latent)) if dims is None else [int(k) for k in dims]
+        if any(k < 0 or k >= n_latent for k in dims):
+            raise ConfigError(f"latent dimensions are 0 to {n_latent - 1}; got {dims}")
+        return latents.gene_programs(self.state, dims)
+
+    def latent_views(self, n_cells: int = 2000, max_programs: int = 12, seed: int = 0) -> latents.LatentViews:
+        """Masks, effects, programs of the strongest active dimensions and latents of `n_cells` seeded cells
+        (the arrays of a report's interpretation figures; see `perturbedvae.api.latents.latent_views`)."""
+        return latents.latent_views(self.state, n_cells, max_programs, seed)
 
     def __repr__(self) -> str:
         data = "no data" if self.data is None else f"{self.data.adata.n_obs} cells x {len(self.data.genes)} genes"

@@ -21,6 +21,7 @@ through `adata.X`, so both modes serve the same numbers.
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from perturbedvae.checks import check_number
 from perturbedvae.data.conditions import CONTROL, DEFAULT_CONTROL_LABELS, ConditionSyntax, genes_of
 from perturbedvae.data.matrix import BackedRows, ExpressionRows, InMemoryRows, canonical_csr, log_normalize
 from perturbedvae.errors import ConditionError, DataError
+
+logger = logging.getLogger(__name__)
 
 CONDITION_COLUMN = "perturbedvae_condition"
 """obs column of the working copy holding each cell's canonical condition."""
@@ -271,6 +274,7 @@ def load_dataset(
     source_of_counts = _counts_source(_scan_expression(InMemoryRows(adata.X)), counts, COUNTS_LAYER in adata.layers)
     _place_counts(adata, source_of_counts)
     data = PerturbationData(adata, syntax, condition_key, source_of_counts != "none", raw_spelling, path)
+    _log_read(data)
     if n_top_genes is not None:
         data = select_highly_variable_genes(data, n_top_genes)
     return data
@@ -317,7 +321,16 @@ def _load_backed(
     is_counts = source_of_counts == "X"
     rows.normalize = is_counts
     data = PerturbationData(adata, syntax, condition_key, is_counts, raw_spelling, str(source), backed_rows=rows)
+    _log_read(data)
     return data if n_top_genes is None else select_highly_variable_genes(data, n_top_genes)
+
+
+def _log_read(data: PerturbationData) -> None:
+    if not logger.isEnabledFor(logging.DEBUG):  # spares counting the conditions of a large screen
+        return
+    logger.debug("read %s: %d cells x %d genes, %d conditions, %s%s", data.source or "an AnnData in memory", data.adata.n_obs,
+                 len(data.genes), len(data.condition_names), "raw counts" if data.is_counts else "log-normalized",
+                 " (expression left in the file)" if data.backed else "")
 
 
 def _read_metadata(source: str | Path) -> ad.AnnData:

@@ -22,7 +22,7 @@ def check_encoder_coverage(
     min_perturbed_coverage: float | None = None,
     report_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Print/save the encoder's coverage of `data`; thresholds default to the encoder's card (else 0).
+    """Log/save the encoder's coverage of `data`; thresholds default to the encoder's card (else 0).
 
     Raises:
         ConfigError: coverage below a threshold.

@@ -15,6 +15,7 @@ reads the cell's other genes, not just typical rank positions.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import warnings
@@ -30,6 +31,8 @@ from perturbedvae.data.loading import PerturbationData
 from perturbedvae.encoders.cards import load_card
 from perturbedvae.encoders.geneformer import geneformer_tokenizer
 from perturbedvae.encoders.rank_value import RankValueTokenizer, relative_expression_source
+
+logger = logging.getLogger(__name__)
 
 MASK_TOKEN = "<mask>"
 IGNORE = -100
@@ -249,7 +252,7 @@ def _train(model, train: Sequence[np.ndarray], config: PretrainConfig, mask_id: 
             smoothed = loss.item() if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * loss.item()
             step += 1
             if log_every and step % log_every == 0:
-                print(f"step {step}/{total}  loss {smoothed:.3f}  {time.perf_counter() - started:.0f}s", flush=True)
+                logger.info("step %d/%d  loss %.3f  %.0fs", step, total, smoothed, time.perf_counter() - started)
             if step >= total:
                 break
     return step, smoothed, time.perf_counter() - started

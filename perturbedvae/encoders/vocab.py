@@ -8,6 +8,7 @@ file in a process says so in a warning (reads are cached). JSON vocabularies (sc
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import warnings
 from collections.abc import Collection, Sequence
@@ -18,6 +19,8 @@ from typing import Any
 
 from perturbedvae.encoders.base import GeneCoverage
 from perturbedvae.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=16)
@@ -74,13 +77,13 @@ def check_coverage(
     min_perturbed_fraction: float = 0.0,
     report_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Print (and optionally save) the coverage report; raise when it is below the thresholds.
+    """Log (and optionally save) the coverage report; raise when it is below the thresholds.
 
     Raises:
         ConfigError: when the covered fraction of genes or of perturbed genes is below its threshold.
     """
     report = coverage_report(coverage, encoder_name)
-    print(
+    logger.info(
         f"{encoder_name}: vocabulary covers {coverage.n_covered}/{coverage.n_genes} genes "
         f"({coverage.fraction:.1%}) and {coverage.n_perturbed_covered}/{coverage.n_perturbed} perturbed genes"
         + (f" (missing: {', '.join(coverage.missing_perturbed[:10])})" if coverage.missing_perturbed else "")

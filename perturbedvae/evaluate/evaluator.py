@@ -1,7 +1,7 @@
 """One evaluator that scores any `Predictions` against the observed data, per condition and per subgroup.
 
 The evaluator never knows how a prediction was made: models and baselines hand it the same format and get
-the same table back, so a report can put them side by side (`compare`).
+the same table back, so a report can put them side by side (`evaluate_named`).
 
 Metrics per condition (see `metrics.py` for formulas):
 - GEARS: `mse`, `mse_de`, `pearson`, `pearson_de`, `pearson_delta`, `pearson_delta_de` (top-N DE genes)
@@ -219,7 +219,7 @@ def _check_has_conditions(present, expected: Sequence[str], what: str) -> None:
         )
 
 
-def compare(evaluator: Evaluator, predictions: Mapping[str, Predictions]) -> tuple[dict, pd.DataFrame]:
+def evaluate_named(evaluator: Evaluator, predictions: Mapping[str, Predictions]) -> tuple[dict, pd.DataFrame]:
     """Evaluate several named prediction sets (a model and its baselines) with one evaluator.
 
     Returns:

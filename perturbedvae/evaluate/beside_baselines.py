@@ -15,7 +15,7 @@ from perturbedvae.data.de import compute_de_genes
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.splits import Split
 from perturbedvae.evaluate.baselines import all_baselines
-from perturbedvae.evaluate.evaluator import Evaluator, compare
+from perturbedvae.evaluate.evaluator import Evaluator, evaluate_named
 from perturbedvae.predictions import Predictions, Predictor
 
 
@@ -42,7 +42,7 @@ def evaluate_beside_baselines(
     conditions = sorted({condition for members in groups.values() for condition in members})
     evaluator = Evaluator(data, compute_de_genes(data, method=de_method, n_top=n_de_genes), groups)
     baselines = {name: baseline.fit(data, split).predict(conditions) for name, baseline in all_baselines().items()}
-    return compare(evaluator, {**predictions, **baselines})
+    return evaluate_named(evaluator, {**predictions, **baselines})
 
 
 def evaluate_predictors(
