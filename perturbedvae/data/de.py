@@ -173,7 +173,7 @@ def _torch_threads_kept() -> Iterator[None]:
     """Give torch back its intra-op thread count after scanpy's ranking, which resets it.
 
     On the Norman subset `rank_genes_groups` left torch at 2 threads in a process started with
-    OMP_NUM_THREADS=1 (or set to 1 by the trainer's thread share). The first validation of a
+    OMP_NUM_THREADS=1, overriding that setting and the trainer's thread share. The first validation of a
     `val_conditions` run ranks DE genes, so every later epoch ran 2 threads on cores other jobs kept
     busy: configs/norman_geneformer_frozen.yaml trained at 368 cells per CPU-second against 4,875 for
     configs/norman_subset.yaml, whose selection ranks nothing (load average 12, issue 13).
