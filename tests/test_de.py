@@ -138,3 +138,15 @@ def test_cache_of_other_data_raises(toy_data, tmp_path):
 def test_load_missing_file_raises(tmp_path):
     with pytest.raises(CheckpointError, match="no such DE gene file"):
         DEGenes.load(tmp_path / "absent.npz")
+
+
+def test_ranking_leaves_torch_threads_as_they_were(norman_data):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compute_de_genes(norman_data)  # scanpy's ranking reset torch to 2 threads on this data (issue 13)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

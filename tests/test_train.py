@@ -29,6 +29,7 @@ from perturbedvae.train.datamodule import (
     PerturbationDataModule,
     hold_out_cells,
     perturbation_vocabulary,
+    prefetched,
 )
 from perturbedvae.train.representation import build_representation, head_of
 from perturbedvae.train.runs import new_module
@@ -212,6 +213,37 @@ def test_bf16_and_gradient_accumulation_train(datamodule, tmp_path: Path) -> Non
     assert result.run_info["mixed_precision"] == "bf16" and result.run_info["gradient_accumulation_steps"] == 2
     assert np.isfinite(json.loads((tmp_path / "log.jsonl").read_text())["loss"])
     assert result.run_info["train_cpu_seconds"] > 0 and result.run_info["train_cells_per_cpu_second"] > 0
+
+
+def test_prefetched_batches_come_in_order_and_errors_at_their_batch() -> None:
+    assert list(prefetched(iter(range(20)), 3)) == list(range(20))
+    assert list(prefetched(iter(range(5)), 0)) == list(range(5))
+
+    def failing():
+        yield from range(3)
+        raise ValueError("row 3 unreadable")
+
+    items = prefetched(failing(), 2)
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="row 3 unreadable"):
+        next(items)
+
+
+def test_prefetching_trains_the_same_steps(datamodule, tmp_path: Path) -> None:
+    runs = {}
+    for depth in (0, 2):
+        run_dir = tmp_path / f"prefetch{depth}"
+        result = Trainer(tiny_config(run_dir, epochs=2, prefetch_batches=depth), datamodule, run_dir).fit()
+        runs[depth] = (_comparable_log(run_dir), result.module.state_dict())
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert runs[0][0] == runs[2][0] and len(runs[0][0]) == 2
+    for name, value in runs[0][1].items():
+        assert torch.equal(value, runs[2][1][name]), name
+
+
+def test_prefetching_with_gradient_accumulation_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="prefetch_batches needs train.gradient_accumulation_steps 1"):
+        tiny_config(tmp_path, prefetch_batches=2, gradient_accumulation_steps=2)
 
 
 def _comparable_log(run_dir: Path) -> list[dict]:

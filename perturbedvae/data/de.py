@@ -17,8 +17,10 @@ fingerprint; a cache that does not match is an error, never silently reused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,12 +159,32 @@ def compute_de_genes(
         cache_path = Path(cache_dir) / f"de_{data.fingerprint}_{method}_top{n_top}.npz"
         if cache_path.exists():
             return _load_matching(cache_path, data, method, n_top)
-    ranked = _rank_genes_streamed(data, method) if data.backed else _rank_genes(data, method)
+    with _torch_threads_kept():
+        ranked = _rank_genes_streamed(data, method) if data.backed else _rank_genes(data, method)
     de = DEGenes(method, n_top, ranked, _non_dropout_top(data, ranked, n_top), data.fingerprint)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         de.save(cache_path)
     return de
+
+
+@contextlib.contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """Give torch back its intra-op thread count after scanpy's ranking, which resets it.
+
+    On the Norman subset `rank_genes_groups` left torch at 2 threads in a process started with
+    OMP_NUM_THREADS=1, overriding that setting and the trainer's thread share. The first validation of a
+    `val_conditions` run ranks DE genes, so every later epoch ran 2 threads on cores other jobs kept
+    busy: configs/norman_geneformer_frozen.yaml trained at 368 cells per CPU-second against 4,875 for
+    configs/norman_subset.yaml, whose selection ranks nothing (load average 12, issue 13).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _load_matching(path: Path, data: PerturbationData, method: str, n_top: int) -> DEGenes:

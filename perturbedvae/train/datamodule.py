@@ -14,9 +14,12 @@ exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import queue
+import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -260,6 +263,63 @@ class EpochShuffleSampler(Sampler[int]):
         starts = rng.permutation(-(-self.n_items // self.block)) * self.block
         items = (starts[:, None] + np.arange(self.block)).ravel()
         return iter(items[items < self.n_items].tolist())
+
+
+Item = TypeVar("Item")
+_END = object()
+
+
+class _Failure:
+    """An exception raised while collating ahead, re-raised by the consumer at the batch it belongs to."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def prefetched(batches: Iterable[Item], depth: int) -> Iterator[Item]:
+    """The items of `batches` in order, collated up to `depth` ahead by a background thread.
+
+    The thread runs the loader's own iteration (sampler and `collate`), so every batch is the one the
+    loop would have fetched itself; what changes is when: the next batches are gathered while the step
+    runs, which overlaps row gathering, densifying and HDF5 reads with the step's math (numpy, h5py and
+    torch release the GIL in their kernels). A thread, not a DataLoader worker process, because it
+    shares the open (backed) file and the process's CPU clock counts its work. `depth` 0 fetches in
+    the caller's thread, as without this wrapper.
+    """
+    if depth <= 0:
+        yield from batches
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+            put(_END)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put(_Failure(error))
+
+    worker = threading.Thread(target=fill, name="perturbedvae-prefetch", daemon=True)
+    worker.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 def dense_rows(matrix: np.ndarray | ExpressionRows | CachedEmbeddings, rows: np.ndarray) -> np.ndarray:

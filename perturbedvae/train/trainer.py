@@ -38,7 +38,7 @@ from perturbedvae.errors import CheckpointError, ConfigError, TrainingDivergedEr
 from perturbedvae.model import LossWeights, PerturbedVAEModule
 from perturbedvae.train.checkpoints import checkpoint_dirs, save_checkpoint, verify_checkpoint
 from perturbedvae.train.config import TrainConfig
-from perturbedvae.train.datamodule import INDEX_KEY, PerturbationDataModule
+from perturbedvae.train.datamodule import INDEX_KEY, PerturbationDataModule, prefetched
 from perturbedvae.train.representation import attach_encoder, head_of
 
 SELECTION_METRIC = "pearson_delta_de"
@@ -343,7 +343,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         n_cells = torch.zeros((), device=accelerator.device)
         bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not accelerator.is_local_main_process, leave=False)
-        for step, batch in enumerate(loader):
+        for step, batch in enumerate(prefetched(loader, settings.prefetch_batches)):
             cell_rows = batch.pop(INDEX_KEY)
             with accelerator.accumulate(module):
                 output = module(batch, weights)
