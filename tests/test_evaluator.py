@@ -178,7 +178,7 @@ def test_h5ad_round_trip(toy_data, tmp_path):
         Predictions.read_h5ad(tmp_path / "absent.h5ad", toy_data.genes)
 
 
-def test_compare_and_write_metrics(toy_data, evaluator, tmp_path):
+def test_evaluate_named_and_write_metrics(toy_data, evaluator, tmp_path):
     results, tidy = evaluate_named(evaluator, {"perfect": observed_means(toy_data), "no_change": control_means(toy_data)})
     assert list(tidy.columns) == ["model", "subgroup", "condition", "metric", "value"]
     assert len(tidy) == 2 * len(CONDITIONS) * len(METRICS)
