@@ -233,7 +233,7 @@ def test_prefetching_trains_the_same_steps(datamodule, tmp_path: Path) -> None:
     runs = {}
     for depth in (0, 2):
         run_dir = tmp_path / f"prefetch{depth}"
-        result = Trainer(tiny_config(run_dir, epochs=2, prefetch_batches=depth), datamodule, run_dir).fit()
+        result = trainer_for(tiny_config(run_dir, epochs=2, prefetch_batches=depth), datamodule, run_dir).fit()
         runs[depth] = (_comparable_log(run_dir), result.module.state_dict())
         AcceleratorState._reset_state(reset_partial_state=True)
     assert runs[0][0] == runs[2][0] and len(runs[0][0]) == 2
