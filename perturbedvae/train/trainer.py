@@ -215,6 +215,7 @@ class Trainer:
             n_genes=len(self.datamodule.data.genes),
             n_perturbations=len(self.datamodule.perturbation_genes),
             gene_feature_dim=None if self.gene_features is None else self.gene_features.shape[1],
+            n_covariate_levels=self.datamodule.n_covariate_levels,
         )
         return attach_encoder(self.datamodule.representation, PerturbedVAEModule(model_config, gene_features=self.gene_features))
 
