@@ -2,10 +2,11 @@
 
 `run_transfer` trains the head on every cell except the held-out (condition, target level) cells of a
 `TransferSplit`, predicts each held-out condition from the target level's own control cells (their z_inv
-carries the level, the condition's effect was learned in the other levels), and scores the predictions
-against the held-out cells relative to the target's controls, beside the baselines: `other_level_shift`
-(the condition's mean shift in the other levels added to the target's control mean) and the usual ones
-fitted on the target level's training conditions (no_change is the target's control mean there).
+carries the level, the condition's effect was learned in the other levels; with `model.covariate_inputs`
+the encoder and decoder also read each cell's level), and scores the predictions against the held-out
+cells relative to the target's controls, beside the baselines: `other_level_shift` (the condition's
+mean shift in the other levels added to the target's control mean) and the usual ones fitted on the
+target level's training conditions (no_change is the target's control mean there).
 
 Nothing held out is read before scoring: the PCA, the head and the epoch selection see only training
 cells (`perturbedvae.train.cell_holdout`), the baseline only the other levels and the target's controls.
@@ -70,6 +71,8 @@ def run_transfer(config_path: str | Path, overrides: Sequence[str] = ()) -> Path
     config.save(layout.config)
     split.save(layout.root / TRANSFER_SPLIT_FILE)
     datamodule = datamodule_without_cells(config, data, split.held_out_cells(data, levels), "transfer")
+    if config.model["covariate_inputs"]:
+        datamodule = datamodule.with_covariate_levels(levels)
     module = train_head(config, datamodule, layout, accelerator)
     controls = target_controls(datamodule, levels, split.target, config.train.n_control_cells, config.train.seed)
     predictions = predict_from_controls(module, datamodule, split.test, controls)

@@ -96,3 +96,36 @@ def test_combination_spelling_changes_the_draw_as_in_gears():
         assert_same_split(flipped, reversed_combos, seed)
         differs |= original.test_subgroups["combo_seen2"] != flipped.test_subgroups["combo_seen2"]
     assert differs
+
+
+def test_papalexi_measured_targets_match_gears_on_the_restricted_list():
+    """`drop_unmeasured` splits like GEARS given only the targets the data measures (16 of 25 are dropped)."""
+    from perturbedvae.data.loading import load_dataset
+    from tests.conftest import PAPALEXI_PATH
+
+    data = load_dataset(PAPALEXI_PATH, condition_key="target", control_labels=["non-targeting"])
+    with pytest.warns(UserWarning, match=r"16 condition\(s\) perturb a gene the data does not measure.*CUL3.*IRF1.*MARCH8"):
+        ours = make_split(data, "gears", seed=1, drop_unmeasured=True)
+    measured = [name for name in data.condition_names if name != "control" and name in set(data.genes)]
+    assert len(measured) == 9 and sorted(ours.params["dropped_conditions"]) == sorted(set(data.condition_names) - {"control", *measured})
+    assert_same_split(ours, [f"{name}+ctrl" for name in measured], seed=1)
+    assert ours.test_subgroups["unseen_single"] == ours.test and set(ours.test) <= set(data.genes)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dropping_unmeasured_genes_matches_gears_on_the_remaining_conditions(seed):
+    """Singles and combinations with an unmeasured gene take no part; GEARS' draws run on the rest."""
+    from perturbedvae.data.loading import load_dataset
+    from tests.conftest import make_toy_adata
+
+    conditions = [name.replace("+ctrl", "").replace("ctrl+", "") for name in synthetic_gears_conditions(seed=300 + seed)]
+    measured_genes = [f"G{index:02d}" for index in range(30)]  # G30..G39 are perturbed but not measured
+    adata = make_toy_adata(["control", *conditions], cells_per_condition=1, n_genes=30)
+    adata.var_names = measured_genes
+    data = load_dataset(adata, min_cells=1)
+    kept = [name for name in conditions if set(name.split("+")) <= set(measured_genes)]
+    assert 0 < len(kept) < len(conditions)
+    with pytest.warns(UserWarning, match="take part in no role"):
+        ours = make_split(data, "gears", seed=seed, drop_unmeasured=True)
+    assert set(ours.params["dropped_conditions"]) == {ConditionSyntax().canonical(name) for name in set(conditions) - set(kept)}
+    assert_same_split(ours, [gears_spelling_of_perturbench(name) for name in kept], seed)

@@ -231,8 +231,10 @@ def test_check_matches_warns_on_changed_values_and_unassigned_conditions():
 def test_make_split_rejects_unknown_scheme_and_parameters(norman_data):
     with pytest.raises(SplitError, match="choose one of gears, doubles, custom"):
         make_split(norman_data, "random")
-    with pytest.raises(SplitError, match="takes: train_gene_set_size, combo_seen2_train_frac"):
+    with pytest.raises(SplitError, match="takes: train_gene_set_size, combo_seen2_train_frac, drop_unmeasured"):
         make_split(norman_data, "gears", test_fraction=0.2)
+    with pytest.raises(SplitError, match="drop_unmeasured must be true or false, got 'yes'"):
+        make_split(norman_data, "gears", drop_unmeasured="yes")
 
 
 def test_gears_split_validates_inputs():

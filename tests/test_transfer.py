@@ -8,6 +8,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+import torch
 import yaml
 from accelerate.state import AcceleratorState
 
@@ -155,3 +156,58 @@ def test_mcfaline_lines_each_hold_out_three_of_nine_knockdowns() -> None:
     for line in ("A172", "T98G", "U87MG"):
         split = transfer_split(mcfaline, ["cell_type"], line, test_fraction=0.34, seed=1)
         assert len(split.test) == 3 and len(split.target_train) == 6
+
+
+def covariate_head(n_levels: int = 2):
+    from perturbedvae.model import PerturbedVAEConfig, PerturbedVAEModule
+
+    torch.manual_seed(0)
+    config = PerturbedVAEConfig(n_input=6, n_genes=5, n_perturbations=3, n_latent=4, n_hidden=16, n_layers=1,
+                                covariate_inputs=True, n_covariate_levels=n_levels)
+    return PerturbedVAEModule(config)
+
+
+def test_covariate_inputs_reach_the_encoder_and_the_decoder() -> None:
+    module = covariate_head().eval()
+    assert module.encoder[0].in_features == 6 + 2 and module.decoder[0].in_features == 4 + 2
+    h, z = torch.randn(3, 6), torch.randn(3, 4)
+    line_a, line_b = torch.tensor([[1.0, 0.0]]).expand(3, -1), torch.tensor([[0.0, 1.0]]).expand(3, -1)
+    assert not torch.allclose(module.inference(h, line_a).qz_mean, module.inference(h, line_b).qz_mean)
+    assert not torch.allclose(module.generative(z, covariates=line_a).mean, module.generative(z, covariates=line_b).mean)
+    with pytest.raises(DataError, match="conditions on covariates .* pass 'covariates'"):
+        module.inference(h)
+    with pytest.raises(DataError, match="covariates has shape \\(3, 3\\), expected \\[cells, 2\\]"):
+        module.generative(z, covariates=torch.zeros(3, 3))
+
+
+def test_a_head_with_covariate_inputs_saves_and_loads(tmp_path: Path) -> None:
+    from perturbedvae.model import PerturbedVAEHead
+
+    module = covariate_head(3)
+    PerturbedVAEHead(module.config, module, ["A", "B", "C"], [f"g{index}" for index in range(5)]).save_pretrained(tmp_path / "head")
+    loaded = PerturbedVAEHead.from_pretrained(tmp_path / "head").module
+    assert loaded.config == module.config and loaded.config.n_covariate_levels == 3
+    h, levels = torch.randn(4, 6), torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1]), 3).float()
+    perturbations = torch.tensor([[1.0, 0.0, 1.0]])
+    torch.testing.assert_close(loaded.predict(h, perturbations, covariates=levels), module.predict(h, perturbations, covariates=levels),
+                               rtol=0, atol=0)
+
+
+def test_batches_carry_each_cells_level_one_hot(data, tmp_path: Path) -> None:
+    levels = covariate_levels(data, ["cell_line"])
+    config = transfer_config(tmp_path, "model.covariate_inputs=true")
+    datamodule = datamodule_without_cells(config, data, np.zeros(0, dtype=np.int64), "transfer").with_covariate_levels(levels)
+    rows = np.array([0, 1, len(levels) - 1])
+    expected = [[1.0, 0.0] if levels[row] == "A" else [0.0, 1.0] for row in rows]
+    assert levels[0] == "A" and levels[-1] == "B"
+    np.testing.assert_array_equal(datamodule.collate(rows)["covariates"].numpy(), expected)
+    np.testing.assert_array_equal(datamodule.control_inputs(rows)["covariates"].numpy(), expected)
+    with pytest.raises(DataError, match="one level per cell"):
+        datamodule.with_covariate_levels(levels[:-1])
+
+
+def test_covariate_inputs_outside_the_transfer_task_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model.covariate_inputs conditions the head on data.covariate_keys"):
+        transfer_config(tmp_path, "split.scheme=doubles", "split.params={}", "data.covariate_keys=null", "model.covariate_inputs=true")
+    with pytest.raises(ConfigError, match="covariate_inputs needs composition latent_sum"):
+        transfer_config(tmp_path, "model.covariate_inputs=true", "model.composition=mechanism")

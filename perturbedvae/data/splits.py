@@ -4,7 +4,8 @@ A split assigns whole conditions (never cells) to roles, because the question th
 model predicts a perturbation it has never seen. The schemes:
 
 - `gears`: GEARS' simulation split, reproduced draw for draw so numbers stay comparable with GEARS-based
-  papers (see `gears_simulation_split`).
+  papers (see `gears_simulation_split`); with `drop_unmeasured`, of the conditions whose genes the data
+  measures, as GEARS splits only the perturbations its gene graph covers (`gears_split`).
 - `doubles`: hold out combinations whose genes were all seen alone (SAMS-VAE's Norman OOD protocol).
 - `custom`: the user's own obs column of train/val/test labels.
 - `transfer`: conditions held out in one level of a covariate (`perturbedvae.data.covariates`); the scheme name
@@ -128,7 +129,8 @@ class Split:
             SplitError: when the split names conditions the data does not have (wrong file or filter).
 
         Warns when the data's fingerprint differs from the one recorded (same conditions, other values) and
-        when the data has conditions the split does not assign (they will take part in nothing).
+        when the data has conditions the split does not assign (they will take part in nothing), except those
+        the split dropped on purpose (`params["dropped_conditions"]`, named when it was made).
         """
         present = set(data.condition_names)
         absent = sorted(name for name in self.assignments() if name not in present)
@@ -145,7 +147,8 @@ class Split:
                 stacklevel=2,
             )
         assigned = self.assignments()
-        unassigned = [name for name in data.condition_names if name not in assigned]
+        dropped = set(self.params.get("dropped_conditions", ()))
+        unassigned = [name for name in data.condition_names if name not in assigned and name not in dropped]
         if unassigned:
             warnings.warn(
                 f"{len(unassigned)} condition(s) of the data are in no role of the split and will be ignored: "
@@ -371,6 +374,44 @@ def gears_simulation_split(
             "validation_combo_seen2_train_frac": _GEARS_VALIDATION_FRACTION,
         },
     )
+
+
+def gears_split(
+    data: PerturbationData,
+    seed: int = 1,
+    train_gene_set_size: float = 0.75,
+    combo_seen2_train_frac: float = 0.75,
+    drop_unmeasured: bool = False,
+) -> Split:
+    """`gears_simulation_split` of the data's conditions, optionally of only those whose genes it measures.
+
+    GEARS drops the perturbations of genes outside its gene graph before it splits. `drop_unmeasured` does
+    the same for the genes data-derived (co-expression) features can describe: a condition with a gene the
+    data does not measure takes part in no role, a warning names it, and the split records it under
+    `params["dropped_conditions"]`. The draws are GEARS' own on the remaining conditions.
+
+    Raises:
+        SplitError: for a bad parameter, or when no perturbation remains.
+    """
+    if not isinstance(drop_unmeasured, bool):
+        raise SplitError(f"drop_unmeasured must be true or false, got {drop_unmeasured!r}")
+    measured = set(data.genes)
+    dropped = [name for name in data.condition_names
+               if drop_unmeasured and name != CONTROL and not set(genes_of(name)) <= measured]
+    if dropped:
+        warnings.warn(
+            f"split gears (drop_unmeasured): {len(dropped)} condition(s) perturb a gene the data does not measure, "
+            f"so no data-derived feature describes it, and take part in no role: {', '.join(dropped)}",
+            UserWarning,
+            stacklevel=3,
+        )
+    kept = [name for name in data.condition_names if name not in set(dropped)]
+    split = gears_simulation_split([data.raw_spelling[name] for name in kept], seed, train_gene_set_size,
+                                   combo_seen2_train_frac, syntax=data.syntax)
+    split.data_fingerprint = data.fingerprint
+    if drop_unmeasured:
+        split.params.update(drop_unmeasured=True, dropped_conditions=dropped)
+    return split
 
 
 # --- doubles -----------------------------------------------------------------------------------------------
@@ -655,7 +696,7 @@ def _check_fold(fold: object, n_folds: int) -> None:
 # --- entry point -------------------------------------------------------------------------------------------
 
 _PARAMETERS = {
-    "gears": ("train_gene_set_size", "combo_seen2_train_frac"),
+    "gears": ("train_gene_set_size", "combo_seen2_train_frac", "drop_unmeasured"),
     "doubles": ("test_fraction", "val_fraction", "unseen_combos"),
     "custom": ("column",),
     "lodo": ("fold",),
@@ -686,10 +727,7 @@ def make_split(data: PerturbationData, scheme: str, seed: int = 1, **params) -> 
         raise SplitError(f"scheme {scheme} holds out {held_out}, not whole conditions: run it with "
                          f"perturbedvae {scheme} --config CONFIG")
     if scheme == "gears":
-        spellings = [data.raw_spelling[name] for name in data.condition_names]
-        split = gears_simulation_split(spellings, seed, syntax=data.syntax, **params)
-        split.data_fingerprint = data.fingerprint
-        return split
+        return gears_split(data, seed, **params)
     if scheme == "doubles":
         return doubles_split(data, seed, **params)
     if scheme in ("lodo", "kfold") and "fold" not in params:

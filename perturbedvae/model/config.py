@@ -78,6 +78,11 @@ class PerturbedVAEConfig:
         initial_rotation: "mechanism": start the effects at the SVD fit of the measured singles as it is
             ("none") or turned by a varimax rotation towards few nodes per gene ("varimax"). Varimax raised
             simulator MCC from 0.70 to 0.78 but cost Norman LODO 0.0003 mse_de (0.0041 vs 0.0038).
+        covariate_inputs: Condition the z_inv encoder and the decoder on each cell's covariate level
+            (`data.covariate_keys`: cell line, stimulation), a one-hot appended to their inputs as scVI does
+            with batch, so z_inv need not carry the level and the decoder can map one z_p to a different
+            change per level. `composition: latent_sum` only.
+        n_covariate_levels: Width of that one-hot (levels in sorted order); derived from the data.
         kl_weight, alignment_weight, sparsity_weight, dag_weight: Default loss weights; a trainer may
             pass warmed-up values per step instead.
     """
@@ -109,13 +114,15 @@ class PerturbedVAEConfig:
     saturation_init: float = 1.5
     saturation: str = "genes"
     initial_rotation: str = "none"
+    covariate_inputs: bool = False
+    n_covariate_levels: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_input", "n_genes", "n_perturbations", "n_latent", "n_hidden", "n_layers"):
             check_number(name, getattr(self, name), low=1, integer=True)
         if self.gene_feature_dim is not None:
             check_number("gene_feature_dim", self.gene_feature_dim, low=1, integer=True)
-        for name in ("causal_layer", "pairwise_interaction"):
+        for name in ("causal_layer", "pairwise_interaction", "covariate_inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _check_choice("likelihood", self.likelihood, tuple(LIKELIHOOD_HEADS))
@@ -125,6 +132,9 @@ class PerturbedVAEConfig:
         _check_choice("saturation", self.saturation, SATURATIONS)
         if self.composition == "mechanism" and self.gene_feature_dim is not None:
             raise ConfigError("composition mechanism has no gene-feature network yet; use latent_sum with gene_feature_dim")
+        check_number("n_covariate_levels", self.n_covariate_levels, low=0, integer=True)
+        if self.covariate_inputs and self.composition == "mechanism":
+            raise ConfigError("covariate_inputs needs composition latent_sum (the mechanism design decodes no covariate)")
         if isinstance(self.reference_controls, bool) or not isinstance(self.reference_controls, int) or self.reference_controls < 0:
             raise ConfigError(f"reference_controls must be a non-negative integer, got {self.reference_controls!r}")
         _check_choice("mask_kind", self.mask_kind, tuple(MASK_FAMILIES))

@@ -6,6 +6,10 @@
     z_p   = causal(Σ_g p_g m_g ⊙ e_g + pairwise)       perturbation latent (see effects.py, causal.py)
     x     ~ p(x | z_inv + z_p)                         Gaussian or negative binomial decoder
 
+With `covariate_inputs`, the encoder reads [h, c] and the decoder [z_inv + z_p, c], c the one-hot of the
+cell's covariate level (cell line, stimulation), so one perturbation latent can decode to level-specific
+changes and z_inv need not encode the level.
+
 `composition: mechanism`: x ~ p(x | decoder(z_inv) + shift(S)), the change of condition S from a latent
 SCM whose interventions change mechanisms, anchored on measured singles (see mechanism.py); its loss
 adds a counterfactual term on the reference control cells of the batch (`control_h`, `control_x`).
@@ -79,7 +83,11 @@ class PerturbedVAEModule(nn.Module):
     def __init__(self, config: PerturbedVAEConfig, gene_features: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config
-        self.encoder = mlp(config.n_input, config.n_hidden, config.n_layers, config.dropout)
+        if config.covariate_inputs and config.n_covariate_levels < 1:
+            raise ConfigError("model.covariate_inputs needs the covariate levels of the data: set data.covariate_keys "
+                              "(the transfer task, perturbedvae transfer)")
+        self.n_covariates = config.n_covariate_levels if config.covariate_inputs else 0
+        self.encoder = mlp(config.n_input + self.n_covariates, config.n_hidden, config.n_layers, config.dropout)
         self.qz_mean = nn.Linear(config.n_hidden, config.n_latent)
         self.qz_logvar = nn.Linear(config.n_hidden, config.n_latent)
         if config.composition == "mechanism":
@@ -88,7 +96,7 @@ class PerturbedVAEModule(nn.Module):
             self.effects = MechanismEffects(config)
         else:
             self.effects = PerturbationEffects(config, gene_features)
-        self.decoder = mlp(config.n_latent, config.n_hidden, config.n_layers, config.dropout)
+        self.decoder = mlp(config.n_latent + self.n_covariates, config.n_hidden, config.n_layers, config.dropout)
         self.likelihood_head = LIKELIHOOD_HEADS[config.likelihood](config.n_hidden, config.n_genes)
         if config.composition == "mechanism":
             self.register_buffer("control_offset", torch.zeros(config.n_genes))
@@ -102,9 +110,20 @@ class PerturbedVAEModule(nn.Module):
         _check_width("x", x, self.config.n_genes, "n_genes")
         self.likelihood_head.initialize_from_data(x.float())
 
-    def inference(self, h: torch.Tensor) -> InferenceOutput:
-        """q(z_inv | h); samples z in training and returns the mean otherwise (deterministic evaluation)."""
-        hidden = self.encoder(h)
+    def with_covariates(self, inputs: torch.Tensor, covariates: torch.Tensor | None) -> torch.Tensor:
+        """`inputs` [B, D] with the cells' one-hot covariate levels [B, n_covariate_levels] appended (scVI's
+        batch conditioning); unchanged for a head without covariate inputs."""
+        if not self.n_covariates:
+            return inputs
+        if covariates is None:
+            raise DataError("this head conditions on covariates (model.covariate_inputs): pass 'covariates', the one-hot "
+                            f"[cells, {self.n_covariates}] of each cell's covariate level")
+        _check_width("covariates", covariates, self.n_covariates, "n_covariate_levels")
+        return torch.cat([inputs, covariates.to(inputs.dtype)], dim=-1)
+
+    def inference(self, h: torch.Tensor, covariates: torch.Tensor | None = None) -> InferenceOutput:
+        """q(z_inv | h[, covariates]); samples z in training and returns the mean otherwise (deterministic evaluation)."""
+        hidden = self.encoder(self.with_covariates(h, covariates))
         mean = self.qz_mean(hidden)
         logvar = self.qz_logvar(hidden).clamp(*_LOG_VARIANCE_RANGE)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if self.training else mean
@@ -119,9 +138,10 @@ class PerturbedVAEModule(nn.Module):
     def uses_mechanisms(self) -> bool:
         return self.config.composition == "mechanism"
 
-    def generative(self, z: torch.Tensor, library_size: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> GenerativeOutput:
+    def generative(self, z: torch.Tensor, library_size: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                   covariates: torch.Tensor | None = None) -> GenerativeOutput:
         """Likelihood parameters of expression given the latent z (z_inv + z_p, or z_inv with an output `offset`)."""
-        return self.likelihood_head(self.decoder(z), library_size, offset)
+        return self.likelihood_head(self.decoder(self.with_covariates(z, covariates)), library_size, offset)
 
     @torch.no_grad()
     def calibrate_controls(self, h_control: torch.Tensor, x_control: torch.Tensor) -> None:
@@ -149,7 +169,7 @@ class PerturbedVAEModule(nn.Module):
         self.effects.set_single_priors(changes, measured, initialize)
 
     def loss(self, batch: dict[str, torch.Tensor], weights: LossWeights | None = None) -> LossOutput:
-        """Weighted negative ELBO-style objective of a batch (keys: h, x, perturbations, library_size)."""
+        """Weighted negative ELBO-style objective of a batch (keys: h, x, perturbations, library_size, covariates)."""
         weights = weights or LossWeights.from_config(self.config)
         h, x, perturbations = _required(batch, "h"), _required(batch, "x"), _required(batch, "perturbations")
         _check_width("h", h, self.config.n_input, "n_input")
@@ -163,14 +183,15 @@ class PerturbedVAEModule(nn.Module):
         if self.config.likelihood == "nb" and library_size is None:
             library_size = x.sum(dim=1)
 
-        inference = self.inference(h)
+        covariates = batch.get("covariates")
+        inference = self.inference(h, covariates)
         effect = self.perturbation_effect(perturbations)
         is_control = perturbations.ne(0).sum(dim=1) == 0
         qz_mean = inference.qz_mean
         if self.uses_mechanisms:
             reconstruction, counterfactual, qz_mean, is_control = self._mechanism_terms(batch, inference, effect, library_size, is_control)
         else:
-            generative = self.generative(inference.z + effect.z_p, library_size)
+            generative = self.generative(inference.z + effect.z_p, library_size, covariates=covariates)
             reconstruction = -generative.cell_log_prob(x).mean()
             counterfactual = reconstruction.new_zeros(())
 
@@ -262,6 +283,7 @@ class PerturbedVAEModule(nn.Module):
         perturbations: torch.Tensor,
         library_size: torch.Tensor | None = None,
         sample: bool = False,
+        covariates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Counterfactual expression [B, n_genes] on the log-normalized scale, for either likelihood.
 
@@ -271,7 +293,8 @@ class PerturbedVAEModule(nn.Module):
         Each control cell keeps its posterior-mean z_inv and receives the z_p of its row of
         `perturbations` ([B, P], or one row [1, P] / [P] applied to every cell), with deterministic
         masks and no dropout. `library_size` only sets the count scale of the NB mean; the
-        log-normalized output log1p(1e4 · rate) does not depend on it.
+        log-normalized output log1p(1e4 · rate) does not depend on it. `covariates` ([B, n_covariate_levels]
+        one-hot, heads with covariate inputs only) are the control cells' levels: the level predicted in.
         """
         _check_width("h_control", h_control, self.config.n_input, "n_input")
         perturbations = perturbations.reshape(-1, perturbations.shape[-1])
@@ -285,7 +308,7 @@ class PerturbedVAEModule(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            posterior = self.inference(h_control)
+            posterior = self.inference(h_control, covariates)
             z_inv = posterior.qz_mean
             if sample:
                 z_inv = z_inv + torch.exp(0.5 * posterior.qz_logvar) * torch.randn_like(z_inv)
@@ -293,7 +316,7 @@ class PerturbedVAEModule(nn.Module):
             if self.uses_mechanisms:
                 output = self.generative(z_inv, library_size, self.effects.prediction(effect) + self.control_offset)
             else:
-                output = self.generative(z_inv + effect.z_p, library_size)
+                output = self.generative(z_inv + effect.z_p, library_size, covariates=covariates)
             return output.sample_log_normalized() if sample else output.log_normalized()
         finally:
             self.train(was_training)

@@ -28,7 +28,7 @@ from perturbedvae.errors import ConfigError, close_matches, did_you_mean
 from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.yaml_files import parse_value, read_yaml_mapping
 
-DERIVED_MODEL_FIELDS = ("n_input", "n_genes", "n_perturbations")
+DERIVED_MODEL_FIELDS = ("n_input", "n_genes", "n_perturbations", "n_covariate_levels")
 """PerturbedVAEConfig fields the trainer takes from the data, never from the YAML."""
 
 INPUT_PATH_KEYS = (
@@ -268,10 +268,13 @@ class ExperimentConfig:
         """Build from a nested mapping; unknown keys and wrong types are ConfigErrors naming the key."""
         return _build(cls, values, prefix="")
 
-    def model_config(self, n_input: int, n_genes: int, n_perturbations: int, gene_feature_dim: int | None = None) -> PerturbedVAEConfig:
-        """The head's config; `gene_feature_dim` is the width of the assembled gene features, when there are any."""
+    def model_config(self, n_input: int, n_genes: int, n_perturbations: int, gene_feature_dim: int | None = None,
+                     n_covariate_levels: int = 0) -> PerturbedVAEConfig:
+        """The head's config; `gene_feature_dim` is the width of the assembled gene features, when there are any,
+        `n_covariate_levels` the number of covariate levels the data module carries (0: none)."""
         values = {**self.model, "gene_feature_dim": gene_feature_dim} if gene_feature_dim is not None else self.model
-        return PerturbedVAEConfig(n_input=n_input, n_genes=n_genes, n_perturbations=n_perturbations, **values)
+        return PerturbedVAEConfig(n_input=n_input, n_genes=n_genes, n_perturbations=n_perturbations,
+                                  n_covariate_levels=n_covariate_levels, **values)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -407,6 +410,9 @@ def _check_consistency(config: ExperimentConfig) -> None:
     if data.covariate_keys and config.split.scheme != "transfer":
         raise ConfigError("data.covariate_keys is read by the transfer task only (split.scheme transfer, perturbedvae transfer); "
                           "other runs do not condition on covariates: remove it, or filter cells with data.obs_filter")
+    if config.model.get("covariate_inputs") and config.split.scheme != "transfer":
+        raise ConfigError("model.covariate_inputs conditions the head on data.covariate_keys, which only the transfer task "
+                          "reads (split.scheme transfer, perturbedvae transfer); remove it")
     positive = {
         "train.epochs": train.epochs,
         "train.batch_size": train.batch_size,

@@ -5,7 +5,7 @@ Training cells are the cells of the split's training conditions (control include
 `ENCODER_INPUTS_KEY` instead), `x` (the target: log-normalized expression for a gaussian head, raw counts for
 a negative-binomial one), `perturbations` (multi-hot over the perturbation vocabulary: the genes
 perturbed in training conditions, and with gene features the held-out genes they describe, sorted) and,
-when counts exist, `library_size`. Rows are gathered from `PerturbationData.expression`/`counts` only
+when counts exist, `library_size`; with covariate inputs, `covariates` (each cell's one-hot level). Rows are gathered from `PerturbationData.expression`/`counts` only
 when a batch is collated, and sparse rows are densified only then, so memory scales with the data's non-zeros in memory, and with the batch for backed data.
 
 The shuffling order is a pure function of (seed, epoch), which is what lets a resumed run replay
@@ -18,7 +18,7 @@ import queue
 import threading
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
@@ -31,7 +31,7 @@ from perturbedvae.data.gene_features import GeneFeatures
 from perturbedvae.data.loading import PerturbationData
 from perturbedvae.data.matrix import ExpressionRows
 from perturbedvae.data.splits import Split
-from perturbedvae.errors import ConfigError, SplitError
+from perturbedvae.errors import ConfigError, DataError, SplitError
 from perturbedvae.train.representation import ENCODER_INPUTS_KEY, CachedEmbeddings, Representation
 
 INDEX_KEY = "index"
@@ -99,6 +99,9 @@ class PerturbationDataModule:
         condition_multi_hot: Multi-hot of every condition of the data; a condition with a gene outside the
             vocabulary gets the control row, which never matters since only training cells are batched.
         gene_features: Features of the vocabulary's genes (`gene_features.sources`), None without them.
+        covariate_codes: Per cell, the column of its covariate level (`model.covariate_inputs`, set by
+            `with_covariate_levels`); batches and control inputs then carry `covariates`, its one-hot.
+        n_covariate_levels: Width of that one-hot (0 without covariate inputs).
     """
 
     data: PerturbationData
@@ -111,6 +114,8 @@ class PerturbationDataModule:
     held_out_cells: np.ndarray
     reference_controls: int = 0
     gene_features: GeneFeatures | None = None
+    covariate_codes: np.ndarray | None = None
+    n_covariate_levels: int = 0
 
     @classmethod
     def build(
@@ -171,11 +176,17 @@ class PerturbationDataModule:
         }
         if self.library_size is not None:
             batch["library_size"] = torch.from_numpy(self.library_size[rows])
+        if self.covariate_codes is not None:
+            batch["covariates"] = self._covariate_rows(rows)
         if self.reference_controls and self.representation.inputs is None:
             reference = self._reference_rows(rows)
             batch["control_h"] = torch.from_numpy(dense_rows(self.representation.matrix, reference))
             batch["control_x"] = torch.from_numpy(dense_rows(self.target, reference))
         return batch
+
+    def _covariate_rows(self, rows: np.ndarray) -> torch.Tensor:
+        """[rows, n_covariate_levels] float32 one-hot of the cells' covariate levels."""
+        return torch.nn.functional.one_hot(torch.from_numpy(self.covariate_codes[rows]), self.n_covariate_levels).float()
 
     def _reference_rows(self, rows: np.ndarray) -> np.ndarray:
         """Control cells joined to a batch: drawn from the batch's own rows, so a resumed run draws the same."""
@@ -215,7 +226,17 @@ class PerturbationDataModule:
         inputs = self._representation_rows(cells)
         if self.library_size is not None:
             inputs["library_size"] = torch.from_numpy(self.library_size[cells])
+        if self.covariate_codes is not None:
+            inputs["covariates"] = self._covariate_rows(cells)
         return inputs
+
+    def with_covariate_levels(self, levels: np.ndarray) -> PerturbationDataModule:
+        """This data module with every cell's covariate level (strings, one per cell) as a batch input; the
+        one-hot columns follow the sorted level names."""
+        names, codes = np.unique(np.asarray(levels, dtype=str), return_inverse=True)
+        if len(codes) != self.n_cells:
+            raise DataError(f"{len(codes)} covariate levels for {self.n_cells} cells; give one level per cell")
+        return replace(self, covariate_codes=codes.astype(np.int64), n_covariate_levels=len(names))
 
 
 class _RowNumbers(Dataset):

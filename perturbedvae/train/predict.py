@@ -70,7 +70,8 @@ def _predict_cells(module: torch.nn.Module, inputs: dict[str, torch.Tensor], per
     for start in range(0, n_cells, _MAX_ROWS_PER_CALL):
         chunk = {key: value[start : start + _MAX_ROWS_PER_CALL] for key, value in inputs.items()}
         rows = perturbation.expand(chunk["h"].shape[0], -1)
-        outputs.append(module.predict(chunk["h"], rows, library_size=chunk.get("library_size"), sample=sample))
+        outputs.append(module.predict(chunk["h"], rows, library_size=chunk.get("library_size"), sample=sample,
+                                      covariates=chunk.get("covariates")))
     return torch.cat(outputs)
 
 

@@ -223,8 +223,8 @@ class EncoderWithHead(torch.nn.Module):
         return self.head(inputs, weights)
 
     def predict(self, h_control: torch.Tensor, perturbations: torch.Tensor, library_size: torch.Tensor | None = None,
-                sample: bool = False) -> torch.Tensor:
-        return self.head.predict(h_control, perturbations, library_size=library_size, sample=sample)
+                sample: bool = False, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head.predict(h_control, perturbations, library_size=library_size, sample=sample, covariates=covariates)
 
 
 def head_of(module: torch.nn.Module) -> PerturbedVAEModule:

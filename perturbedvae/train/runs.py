@@ -153,6 +153,7 @@ def new_module(config: ExperimentConfig, datamodule: PerturbationDataModule) -> 
         n_genes=len(datamodule.data.genes),
         n_perturbations=len(datamodule.perturbation_genes),
         gene_feature_dim=None if features is None else features.shape[1],
+        n_covariate_levels=datamodule.n_covariate_levels,
     )
     set_seed(config.train.seed)
     head = PerturbedVAEModule(head_config, gene_features=features)
