@@ -265,5 +265,5 @@ def test_data_min_cells_reaches_the_loader(tmp_path: Path) -> None:
     make_toy_adata(cells_per_condition=12).write_h5ad(tmp_path / "toy.h5ad")
     with pytest.warns(UserWarning, match="fewer than 20 cells"):
         runs.load_data(DataConfig(path=str(tmp_path / "toy.h5ad"), min_cells=20))
-    with pytest.raises(ConfigError, match="data.min_cells must be >= 0"):
+    with pytest.raises(ConfigError, match="data.min_cells must be at least 0"):
         tiny(tmp_path / "run", "data.min_cells=-1")

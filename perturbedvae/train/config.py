@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from perturbedvae.checks import check_number
 from perturbedvae.data.gene_features import SOURCES as GENE_FEATURE_SOURCES
 from perturbedvae.errors import ConfigError, close_matches, did_you_mean
 from perturbedvae.model.config import PerturbedVAEConfig
@@ -430,8 +431,8 @@ def _check_consistency(config: ExperimentConfig) -> None:
         "representation.lora_r": representation.lora_r,
     }
     for key, value in {**positive, **optional_positive}.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{key} must be at least 1, got {value}")
+        if value is not None:
+            check_number(key, value, low=1)
     non_negative = {
         "train.weight_decay": train.weight_decay,
         "train.kl_warmup_epochs": train.kl_warmup_epochs,
@@ -442,19 +443,15 @@ def _check_consistency(config: ExperimentConfig) -> None:
         "data.min_cells": data.min_cells,
     }
     for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
-    if train.lr <= 0:
-        raise ConfigError(f"train.lr must be > 0, got {train.lr}")
-    if train.max_grad_norm is not None and train.max_grad_norm <= 0:
-        raise ConfigError(f"train.max_grad_norm must be > 0 or null (no clipping), got {train.max_grad_norm}")
+        check_number(key, value, low=0)
+    check_number("train.lr", train.lr, low=0, low_open=True)
+    if train.max_grad_norm is not None:  # null: no clipping
+        check_number("train.max_grad_norm", train.max_grad_norm, low=0, low_open=True)
     if train.prefetch_batches and train.gradient_accumulation_steps > 1:
         raise ConfigError("train.prefetch_batches needs train.gradient_accumulation_steps 1: Accelerate ends an accumulation "
                           "window when its loader runs out, which a prefetching loader does early")
-    if not 0 < train.held_out_fraction < 1:
-        raise ConfigError(f"train.held_out_fraction must lie in (0, 1), got {train.held_out_fraction}")
-    if not 0 <= representation.lora_dropout < 1:
-        raise ConfigError(f"representation.lora_dropout must lie in [0, 1), got {representation.lora_dropout}")
+    check_number("train.held_out_fraction", train.held_out_fraction, low=0, high=1, low_open=True, high_open=True)
+    check_number("representation.lora_dropout", representation.lora_dropout, low=0, high=1, high_open=True)
 
 
 def _check_gene_features(config: ExperimentConfig) -> None:
@@ -480,5 +477,4 @@ def _check_gene_features(config: ExperimentConfig) -> None:
         raise ConfigError("gene_features need model.composition latent_sum (the mechanism design has no gene-feature network)")
     if "encoder" in sources and config.representation.kind != "encoder":
         raise ConfigError("gene_features source 'encoder' needs representation.kind encoder (its gene embeddings)")
-    if features.n_components < 1:
-        raise ConfigError(f"gene_features.n_components must be at least 1, got {features.n_components}")
+    check_number("gene_features.n_components", features.n_components, low=1)
