@@ -23,7 +23,8 @@ way add less than their sum (saturation) through one parameter:
 With `saturation: nodes` the saturation acts on the latent nodes instead, f(S) = τ(u_S) W with
 τ_n(u) = c_n · tanh(u / c_n), c_n = κ · (largest |u| of a measured single on node n at initialisation):
 two perturbations saturate only where they act on the same node (paralogs feeding one pathway), and
-perturbations on different nodes add.
+perturbations on different nodes add. `saturation: both` (the kept Norman design) applies τ and then σ,
+f(S) = σ(τ(u_S) W).
 
 Prediction keeps what is measured: for a condition whose every gene has a measured training single
 (`set_single_priors`: the observed single-gene changes Δ_g), the change is anchored on them and the
