@@ -179,6 +179,30 @@ def test_condition_probe_and_alignment_null():
     assert alignment_null(mixed, control, n_permutations=30).p_value > 0.05
 
 
+def test_alignment_penalties_read_a_given_kernel_as_they_compute_one():
+    """The permutation null reuses one kernel matrix; each penalty must equal its own computation."""
+    from perturbedvae.model.alignment import (
+        alignment_penalty,
+        condition_alignment_penalty,
+        gaussian_kernel,
+        median_scale,
+    )
+
+    generator = torch.Generator().manual_seed(3)
+    z = torch.randn(90, 4, generator=generator)
+    condition = torch.randint(0, 5, (90,), generator=generator)
+    kernel = gaussian_kernel(z, z, median_scale(z))
+    for order in (torch.arange(90), torch.randperm(90, generator=generator)):
+        is_control = condition[order] == 0
+        torch.testing.assert_close(
+            alignment_penalty(z, is_control, adaptive=True, kernel=kernel), alignment_penalty(z, is_control, adaptive=True)
+        )
+        torch.testing.assert_close(
+            condition_alignment_penalty(z, is_control, condition[order], kernel=kernel),
+            condition_alignment_penalty(z, is_control, condition[order]),
+        )
+
+
 def test_per_condition_alignment_null_sees_conditions_that_split_the_control_cloud():
     """Two conditions, each one half of the control distribution: pooled they look like controls, apart they do not."""
     rng = np.random.default_rng(1)

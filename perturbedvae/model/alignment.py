@@ -61,27 +61,43 @@ def median_scale(points: torch.Tensor) -> torch.Tensor:
 
 def gaussian_mmd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Biased estimate of MMD²(x, y) for samples x [N, K] and y [M, K]."""
-    return gaussian_kernel(x, x, scale).mean() + gaussian_kernel(y, y, scale).mean() - 2 * gaussian_kernel(x, y, scale).mean()
+    return kernel_mmd(gaussian_kernel(x, x, scale), gaussian_kernel(y, y, scale), gaussian_kernel(x, y, scale))
 
 
-def alignment_penalty(z_mean: torch.Tensor, is_control: torch.Tensor, adaptive: bool = False) -> torch.Tensor:
+def kernel_mmd(within_x: torch.Tensor, within_y: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """Biased MMD² from the kernel blocks k(x, x), k(y, y) and k(x, y)."""
+    return within_x.mean() + within_y.mean() - 2 * cross.mean()
+
+
+def alignment_penalty(
+    z_mean: torch.Tensor, is_control: torch.Tensor, adaptive: bool = False, kernel: torch.Tensor | None = None
+) -> torch.Tensor:
     """MMD² between control rows and perturbed rows of `z_mean`; zero if either group is empty.
 
     `adaptive` scales the bandwidths by the median squared distance of all rows (`median_scale`).
+    `kernel`: the [N, N] kernel of `z_mean`'s rows with those bandwidths, given when it is reused (a
+    permutation test shuffles `is_control` over the same points); its blocks replace the kernel evaluations.
     """
     control, perturbed = z_mean[is_control], z_mean[~is_control]
     if control.shape[0] == 0 or perturbed.shape[0] == 0:
         return z_mean.sum() * 0.0
+    if kernel is not None:
+        blocks = (_block(kernel, is_control, is_control), _block(kernel, ~is_control, ~is_control), _block(kernel, is_control, ~is_control))
+        return kernel_mmd(*blocks)
     return gaussian_mmd(control, perturbed, median_scale(z_mean) if adaptive else 1.0)
 
 
-def condition_alignment_penalty(z_mean: torch.Tensor, is_control: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+def condition_alignment_penalty(
+    z_mean: torch.Tensor, is_control: torch.Tensor, condition: torch.Tensor, kernel: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cell-weighted mean over perturbed conditions of the unbiased MMD²(condition's z_inv, controls' z_inv).
 
     Args:
         z_mean: [N, K] posterior means of the batch (and of its reference controls).
         is_control: [N] which rows are controls.
         condition: [N] integer label of each row's condition (any labels; controls' are ignored).
+        kernel: The [N, N] kernel of `z_mean`'s rows with median-heuristic bandwidths, given when it is
+            reused (a permutation test shuffles the labels over the same points); None computes it.
 
     Conditions with one cell in the batch, and batches with fewer than two controls, add nothing: an
     unbiased MMD² needs two points per side. Bandwidths follow the median heuristic (`median_scale`).
@@ -95,14 +111,25 @@ def condition_alignment_penalty(z_mean: torch.Tensor, is_control: torch.Tensor, 
     kept = sizes >= 2
     if not kept.any():
         return z_mean.sum() * 0.0
-    scale = median_scale(z_mean)
-    within = gaussian_kernel(perturbed, perturbed, scale)
+    if kernel is None:
+        scale = median_scale(z_mean)
+        within = gaussian_kernel(perturbed, perturbed, scale)
+        cross = gaussian_kernel(perturbed, control, scale)
+        controls = gaussian_kernel(control, control, scale)
+    else:
+        within = _block(kernel, ~is_control, ~is_control)
+        cross = _block(kernel, ~is_control, is_control)
+        controls = _block(kernel, is_control, is_control)
     # Σ over pairs i ≠ j of a condition: the condition's block sum (column sums of within @ one_hot over its
     # own rows) without the diagonal terms k(x_i, x_i).
     within_sums = (one_hot * (within @ one_hot)).sum(dim=0) - one_hot.T @ within.diagonal()
-    cross_sums = one_hot.T @ gaussian_kernel(perturbed, control, scale).sum(dim=1)
-    controls = gaussian_kernel(control, control, scale)
+    cross_sums = one_hot.T @ cross.sum(dim=1)
     n_control = control.shape[0]
     control_term = (controls.sum() - controls.diagonal().sum()) / (n_control * (n_control - 1))
     mmd = within_sums[kept] / (sizes[kept] * (sizes[kept] - 1)) + control_term - 2 * cross_sums[kept] / (sizes[kept] * n_control)
     return (mmd * sizes[kept]).sum() / sizes[kept].sum()
+
+
+def _block(kernel: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """The sub-matrix of `kernel` at the boolean `rows` and `columns`."""
+    return kernel[rows][:, columns]
