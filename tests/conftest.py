@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from accelerate.state import AcceleratorState
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PERTURBEDVAE_SHARED", REPO.parent / "shared"))
@@ -17,6 +18,13 @@ PAPALEXI_PATH = SHARED / "data" / "papalexi2021_lowmoi.h5ad"
 VOCAB_DIR = SHARED / "vocab"
 # Named datasets resolve through the data directory; make that independent of the working directory.
 os.environ.setdefault("PERTURBEDVAE_DATA_DIR", str(SHARED / "data"))
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Forget Accelerate's process-wide state after a test that built an Accelerator (used via `pytestmark`)."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="session")

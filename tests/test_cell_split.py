@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from accelerate.state import AcceleratorState
 
 from perturbedvae.cell_split import held_out_test_cells, run_cell_split, score_cells
 from perturbedvae.cli import main
@@ -17,11 +16,7 @@ from perturbedvae.data.splits import make_split
 from perturbedvae.errors import ConfigError, SplitError
 from tests.conftest import make_toy_adata
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture

@@ -27,15 +27,11 @@ from perturbedvae.train.config import load_config
 from perturbedvae.train.runs import MODEL_NAME, predict_conditions
 from tests.conftest import make_toy_adata
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic_tiny.yaml"
 TOY_REPRESENTATION = {"kind": "expression", "n_components": 10}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture

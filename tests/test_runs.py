@@ -21,15 +21,11 @@ from perturbedvae.train import runs
 from perturbedvae.train.config import DataConfig, ExperimentConfig, load_config
 from perturbedvae.train.runs import RunLayout, load_run, predict_conditions
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic_tiny.yaml"
 RUN_FILES = {"config.yaml", "split.json", "model", "log.jsonl", "metrics.json", "metrics.csv", "run_info.json", "checkpoints"}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def tiny(run_dir: Path, *overrides: str) -> ExperimentConfig:

@@ -43,15 +43,10 @@ from perturbedvae.train.trainer import (
     warmup_factor,
 )
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 REPO = Path(__file__).resolve().parents[1]
 SIMULATION = {"n_genes": 40, "n_latent": 4, "n_perturbations": 6, "n_combinations": 8, "cells_per_condition": 15, "n_control_cells": 60}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each test builds its own Accelerator; Accelerate keeps process-wide state between them otherwise."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def tiny_config(run_dir: Path, **train) -> ExperimentConfig:

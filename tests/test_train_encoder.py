@@ -27,16 +27,13 @@ from tests.conftest import REPO, VOCAB_DIR
 from tests.test_encoders_geneformer import write_tiny_geneformer
 from tests.test_lora import expected_lora_parameters
 
-pytestmark = pytest.mark.filterwarnings("ignore:unpickling", "ignore:no counts found", "ignore:loading")
+pytestmark = [
+    pytest.mark.usefixtures("fresh_accelerate_state"),
+    pytest.mark.filterwarnings("ignore:unpickling", "ignore:no counts found", "ignore:loading"),
+]
 CARD = REPO / "adapters/geneformer-v1.yaml"
 CONDITIONS = ["control", "KLF1", "MAP2K6", "TGFBR2", "MAP2K3", "MAPK1",
               "KLF1+MAP2K6", "KLF1+TGFBR2", "MAP2K3+MAP2K6", "MAPK1+TGFBR2"]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")

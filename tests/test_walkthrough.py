@@ -7,18 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from accelerate.state import AcceleratorState
 
 import perturbedvae as pv
 from perturbedvae.evaluate.baselines import BASELINES
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _walkthrough():
