@@ -398,6 +398,7 @@ def gears_split(
     measured = set(data.genes)
     dropped = [name for name in data.condition_names
                if drop_unmeasured and name != CONTROL and not set(genes_of(name)) <= measured]
+    dropped_set = set(dropped)
     if dropped:
         warnings.warn(
             f"split gears (drop_unmeasured): {len(dropped)} condition(s) perturb a gene the data does not measure, "
@@ -405,7 +406,7 @@ def gears_split(
             UserWarning,
             stacklevel=3,
         )
-    kept = [name for name in data.condition_names if name not in set(dropped)]
+    kept = [name for name in data.condition_names if name not in dropped_set]
     split = gears_simulation_split([data.raw_spelling[name] for name in kept], seed, train_gene_set_size,
                                    combo_seen2_train_frac, syntax=data.syntax)
     split.data_fingerprint = data.fingerprint
