@@ -12,8 +12,8 @@ both (training imports no evaluation).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from perturbedvae.api.latents import ACTIVE_MASK_PROBABILITY, evaluating
 from perturbedvae.data.conditions import CONTROL
 from perturbedvae.evaluate.invariance import alignment_null, condition_probe
 from perturbedvae.model import PerturbedVAEModule
@@ -21,11 +21,9 @@ from perturbedvae.train.datamodule import PerturbationDataModule
 
 DIAGNOSTIC_CELLS = 1500
 """Training cells (seeded sample) of the diagnostics: the MMD null costs cells² per permutation."""
-MASK_ACTIVE = 0.5
 PROBE_FOLDS = 5
 
 
-@torch.no_grad()
 def latent_diagnostics(module: PerturbedVAEModule, datamodule: PerturbationDataModule, seed: int, probe: bool = True) -> dict:
     """{probe_balanced_accuracy, probe_chance, alignment_mmd, alignment_null_95, alignment_p, mask_density}.
 
@@ -38,19 +36,15 @@ def latent_diagnostics(module: PerturbedVAEModule, datamodule: PerturbationDataM
     inputs = datamodule.control_inputs(cells)
     if "h" not in inputs:
         return {}
-    was_training = module.training
-    module.eval()
-    try:
+    with evaluating(module):
         device = next(module.parameters()).device
         z = module.inference(inputs["h"].float().to(device)).qz_mean.cpu().numpy()
         keep = module.mask_probabilities().cpu().numpy()
-    finally:
-        module.train(was_training)
     conditions = datamodule.data.conditions[cells]
     per_condition = conditions if module.config.alignment == "mmd_per_condition" else None
     null = alignment_null(z, conditions == CONTROL, n_permutations=50, seed=seed, conditions=per_condition)
     result = {"alignment_mmd": null.mmd, "alignment_null_95": null.null_95, "alignment_p": null.p_value,
-              "mask_density": float((keep > MASK_ACTIVE).mean())}
+              "mask_density": float((keep > ACTIVE_MASK_PROBABILITY).mean())}
     if probe and _probe_classes(conditions) >= 2:  # too few cells per condition in the sample: no probe
         found = condition_probe(z, conditions, n_folds=PROBE_FOLDS, seed=seed)
         result.update(probe_balanced_accuracy=found.balanced_accuracy, probe_chance=found.chance)

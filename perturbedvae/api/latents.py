@@ -63,7 +63,7 @@ class LatentViews:
 
 
 @contextmanager
-def _evaluating(module: torch.nn.Module) -> Iterator[None]:
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode (no dropout, latent means) for the block, then the module's previous mode."""
     was_training = module.training
     module.eval()
@@ -95,7 +95,7 @@ def posterior_means(state: TrainedState, cells: np.ndarray) -> tuple[torch.Tenso
 
 def latent_representation(state: TrainedState, cells: np.ndarray, shifted: bool = False) -> np.ndarray:
     """[len(cells), n_latent] posterior means of z_inv; with `shifted`, plus each cell's own condition's z_p."""
-    with _evaluating(state.predictor):
+    with evaluating(state.predictor):
         z, _ = posterior_means(state, cells)
         if shifted:
             z = z + _perturbation_shifts(state, cells, z.device)
@@ -116,13 +116,13 @@ def _perturbation_shifts(state: TrainedState, cells: np.ndarray, device: torch.d
 
 def mask_probabilities(state: TrainedState) -> pd.DataFrame:
     """[perturbation genes, latent dims] the masks' keep-probabilities (before causal mixing)."""
-    with _evaluating(state.predictor):
+    with evaluating(state.predictor):
         return pd.DataFrame(_head(state).mask_probabilities().cpu().numpy(), index=state.datamodule.perturbation_genes)
 
 
 def effect_vectors(state: TrainedState) -> pd.DataFrame:
     """[perturbation genes, latent dims] each gene's masked effect with the evaluation mask."""
-    with _evaluating(state.predictor):
+    with evaluating(state.predictor):
         return pd.DataFrame(_head(state).effect_vectors().cpu().numpy(), index=state.datamodule.perturbation_genes)
 
 
@@ -135,7 +135,7 @@ def gene_programs(state: TrainedState, dims: Sequence[int]) -> pd.DataFrame:
     """
     head = _head(state)
     genes = state.datamodule.data.genes
-    with _evaluating(state.predictor):
+    with evaluating(state.predictor):
         z, library = posterior_means(state, state.controls)
         base = head.generative(z, library).log_normalized().double().mean(dim=0)
         rows = []
@@ -164,10 +164,10 @@ def latent_views(state: TrainedState, n_cells: int, max_programs: int, seed: int
     programs = gene_programs(state, active)
     notes = {k: _movers(masks[k], effects[k]) for k in active}
     data = state.datamodule.data
-    predictable = np.array([is_predictable(name, state.datamodule.perturbation_genes) for name in data.conditions])
-    candidates = np.flatnonzero(predictable)
+    by_condition = np.array([is_predictable(name, state.datamodule.perturbation_genes) for name in data.condition_names])
+    candidates = np.flatnonzero(by_condition[state.datamodule.condition_codes])
     cells = np.sort(np.random.default_rng(seed).choice(candidates, min(n_cells, len(candidates)), replace=False))
-    with _evaluating(state.predictor):
+    with evaluating(state.predictor):
         invariant, _ = posterior_means(state, cells)
         shifted = invariant + _perturbation_shifts(state, cells, invariant.device)
     return LatentViews(masks, effects, programs, notes, invariant.cpu().numpy(), shifted.cpu().numpy(), data.conditions[cells])
