@@ -63,7 +63,8 @@ def test_backed_rows_match_memory_in_any_order(screen: Path) -> None:
     reference = log_normalize(ad.read_h5ad(screen).X)
     rows = BackedRows(screen, normalize=True)
     order = np.random.default_rng(0).permutation(SPEC.n_cells)[:1200]  # > one scattered read of 512 rows
-    asked = np.concatenate([order, order[:5], [3, 2, 1]])
+    runs = np.concatenate([np.arange(start, start + 16) for start in (640, 100, 656, 0, 1484)])  # joined, touching, apart
+    asked = np.concatenate([order, order[:5], [3, 2, 1], runs])
     assert abs(rows[asked] - reference[asked]).max() == 0
     assert rows[np.zeros(0, dtype=np.int64)].shape == (0, SPEC.n_genes)
     assert abs(rows.raw()[asked] - ad.read_h5ad(screen).X[asked]).max() == 0

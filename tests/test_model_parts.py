@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import scipy.sparse as sp
 import torch
 
 from perturbedvae.errors import ConfigError
@@ -19,6 +20,7 @@ from perturbedvae.model.likelihoods import (
     negative_binomial_log_prob,
 )
 from perturbedvae.model.masks import GumbelBernoulliMask, HardConcreteMask, make_mask
+from perturbedvae.train.datamodule import stored_positions
 
 MASK_KINDS = ["hard_concrete", "gumbel"]
 
@@ -109,6 +111,27 @@ def test_cell_log_prob_on_non_zero_counts_equals_the_dense_sum_and_its_gradients
     sparse.sum().backward()
     dense.sum().backward()
     for fast, reference in zip(sparse_leaves, dense_leaves):
+        torch.testing.assert_close(fast.grad, reference.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_cell_log_prob_with_given_non_zero_positions_equals_the_searched_ones_even_with_stored_zeros():
+    """`nonzero` read off CSR rows (the batch's `x_nonzero`) gives the same values and gradients (issue 14)."""
+    generator = torch.Generator().manual_seed(1)
+    counts = torch.poisson(torch.rand(32, 100, generator=generator) * 3.0) * (torch.rand(32, 100, generator=generator) < 0.3)
+    block = sp.csr_matrix(counts.numpy())
+    block.data[::3] = 0.0  # explicit stored zeros: the positions are then a superset of the non-zero ones
+    positions = torch.from_numpy(stored_positions(block))
+    assert (block.data == 0).any() and len(positions) == block.nnz
+    leaves = [torch.rand(32, 100, generator=generator).mul(20).add(0.1), torch.rand(100, generator=generator).mul(5).add(0.05)]
+    x = torch.from_numpy(block.toarray())
+    given_leaves = [leaf.clone().requires_grad_() for leaf in leaves]
+    searched_leaves = [leaf.clone().requires_grad_() for leaf in leaves]
+    given = negative_binomial_cell_log_prob(x, *given_leaves, nonzero=positions)
+    searched = negative_binomial_cell_log_prob(x, *searched_leaves)
+    torch.testing.assert_close(given, searched, rtol=1e-5, atol=1e-3)
+    given.sum().backward()
+    searched.sum().backward()
+    for fast, reference in zip(given_leaves, searched_leaves):
         torch.testing.assert_close(fast.grad, reference.grad, rtol=1e-4, atol=1e-4)
 
 

@@ -96,6 +96,7 @@ def test_batches_hold_training_cells_with_their_multi_hot_and_counts(datamodule,
         assert batch["x"].shape == (len(rows), data.adata.n_vars) and batch["x"].dtype == torch.float32
         np.testing.assert_array_equal(batch["x"].numpy(), data.adata.layers["counts"][rows].toarray())
         np.testing.assert_allclose(batch["library_size"].numpy(), batch["x"].sum(1).numpy(), rtol=1e-5)
+        np.testing.assert_array_equal(batch["x_nonzero"].numpy(), np.flatnonzero(batch["x"].numpy()))
         for row, hot in zip(rows, batch["perturbations"].numpy()):
             genes = [datamodule.perturbation_genes[column] for column in np.flatnonzero(hot)]
             assert ("+".join(genes) or CONTROL) == data.conditions[row]

@@ -169,7 +169,11 @@ class PerturbedVAEModule(nn.Module):
         self.effects.set_single_priors(changes, measured, initialize)
 
     def loss(self, batch: dict[str, torch.Tensor], weights: LossWeights | None = None) -> LossOutput:
-        """Weighted negative ELBO-style objective of a batch (keys: h, x, perturbations, library_size, covariates)."""
+        """Weighted negative ELBO-style objective of a batch (keys: h, x, perturbations, library_size, covariates, x_nonzero).
+
+        `x_nonzero` (optional): flat positions of x's non-zero entries, which the data module reads off sparse
+        rows so that the negative-binomial likelihood need not search the dense x for them.
+        """
         weights = weights or LossWeights.from_config(self.config)
         h, x, perturbations = _required(batch, "h"), _required(batch, "x"), _required(batch, "perturbations")
         _check_width("h", h, self.config.n_input, "n_input")
@@ -192,7 +196,7 @@ class PerturbedVAEModule(nn.Module):
             reconstruction, counterfactual, qz_mean, is_control = self._mechanism_terms(batch, inference, effect, library_size, is_control)
         else:
             generative = self.generative(inference.z + effect.z_p, library_size, covariates=covariates)
-            reconstruction = -generative.cell_log_prob(x).mean()
+            reconstruction = -generative.cell_log_prob(x, batch.get("x_nonzero")).mean()
             counterfactual = reconstruction.new_zeros(())
 
         # Penalties in float32 even under mixed-precision autocast: they are sums of many small terms.
@@ -240,7 +244,7 @@ class PerturbedVAEModule(nn.Module):
         n_cells = x.shape[0]
         change = self.effects.prediction(effect)
         generative = self.likelihood_head(self.decoder(inference.z), library_size, change)
-        reconstruction = -generative.cell_log_prob(x).mean()
+        reconstruction = -generative.cell_log_prob(x, batch.get("x_nonzero")).mean()
         single = effect.anchorable & (perturbations.ne(0).sum(dim=1) == 1)
         misfit = (effect.modelled - effect.anchored)[single] ** 2
         if self.config.likelihood == "gaussian":
