@@ -339,6 +339,16 @@ def test_condition_alignment_sees_conditions_that_split_the_control_cloud():
     torch.testing.assert_close(split, direct, rtol=1e-4, atol=1e-6)
 
 
+def test_median_scale_is_the_median_squared_distance_over_all_distinct_pairs_per_dimension():
+    """The upper triangle it reads gives the lower median of every ordered pair (each value twice) exactly."""
+    generator = torch.Generator().manual_seed(4)
+    for n in (2, 3, 10, 51):
+        z = torch.randn(n, 5, generator=generator)
+        ordered_pairs = torch.tensor([float(((z[i] - z[j]) ** 2).sum()) / 5 for i in range(n) for j in range(n) if i != j])
+        torch.testing.assert_close(median_scale(z), ordered_pairs.median(), rtol=1e-5, atol=1e-6)
+    assert float(median_scale(torch.randn(1, 5))) == 1.0  # one point has no pair: the unit scale
+
+
 def test_condition_alignment_skips_single_cell_conditions_and_keeps_the_graph():
     z = torch.randn(6, 3, requires_grad=True)
     is_control = torch.tensor([True, True, True, False, False, False])
