@@ -88,6 +88,24 @@ def test_node_saturation_saturates_perturbations_on_a_shared_node_only():
     assert "effects.node_scale" in PerturbedVAEModule(mechanism_config(saturation="nodes")).state_dict()
 
 
+def test_curved_programs_bend_each_node_on_its_own_and_are_saved_only_when_used():
+    """`curved_programs`: a node's change is u W + u² Q, so one node alone traces a parabola over the genes."""
+    effects = MechanismEffects(mechanism_config(n_latent=2, saturation="nodes", curved_programs=True))
+    with torch.no_grad():
+        effects.programs.zero_()
+        effects.curvature.zero_()
+        effects.curvature[0] = 1.0  # only node 0 bends, the same way for every gene
+        effects.node_scale.fill_(1e6)  # node saturation out of reach
+    change = effects.decode(torch.tensor([[1.0, 0.0], [2.0, 0.0], [-2.0, 0.0], [0.0, 3.0]]))
+    torch.testing.assert_close(change[1], 4 * change[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(change[2], change[1], rtol=1e-4, atol=1e-5)
+    assert change[0].min() > 0.99 and change[3].abs().max() == 0
+    assert "effects.curvature" not in PerturbedVAEModule(mechanism_config()).state_dict()
+    assert "effects.curvature" in PerturbedVAEModule(mechanism_config(curved_programs=True)).state_dict()
+    with pytest.raises(ConfigError, match="curved_programs needs composition mechanism"):
+        tiny_config(curved_programs=True)
+
+
 def test_varimax_turns_a_rotated_sparse_loading_matrix_back_to_sparse():
     generator = torch.Generator().manual_seed(2)
     sparse = torch.zeros(60, 4)
@@ -136,18 +154,22 @@ def test_predictions_are_anchored_on_measured_singles():
     torch.testing.assert_close(change[3], output.modelled[3])  # gene 3 has no measured single: the model alone
 
 
-@pytest.mark.parametrize(("likelihood", "saturation"), [("gaussian", "genes"), ("nb", "genes"), ("gaussian", "nodes"), ("gaussian", "both")])
-def test_mechanism_module_trains_predicts_and_round_trips(likelihood, saturation, tmp_path):
+@pytest.mark.parametrize(
+    ("likelihood", "saturation", "curved"),
+    [("gaussian", "genes", False), ("nb", "genes", False), ("gaussian", "nodes", False), ("gaussian", "both", False), ("nb", "both", True)],
+)
+def test_mechanism_module_trains_predicts_and_round_trips(likelihood, saturation, curved, tmp_path):
     torch.manual_seed(0)
     batch = synthetic_batch(likelihood)
     controls = batch["perturbations"].sum(1) == 0
     batch = {**batch, "control_h": batch["h"][controls][:8], "control_x": batch["x"][controls][:8]}
-    module = PerturbedVAEModule(mechanism_config(likelihood=likelihood, saturation=saturation))
+    module = PerturbedVAEModule(mechanism_config(likelihood=likelihood, saturation=saturation, curved_programs=curved))
     output = module(batch)
     assert torch.isfinite(output.loss) and set(output.parts) >= {"reconstruction", "counterfactual", "alignment"}
     assert (output.parts["counterfactual"] > 0) == (likelihood == "gaussian")
     output.loss.backward()
     assert module.effects.raw_kappa.grad is not None and module.effects.graph.grad is not None
+    assert (module.effects.curvature is not None and module.effects.curvature.grad.abs().sum() > 0) == curved
     first = module.predict(batch["h"][:4], multi_hot((0, 1)))
     torch.testing.assert_close(first, module.predict(batch["h"][:4], multi_hot((0, 1))))
     module.effects.set_single_priors(torch.randn(N_PERTURBATIONS, N_GENES), torch.tensor([True, True, False, False]))

@@ -78,6 +78,9 @@ class PerturbedVAEConfig:
         initial_rotation: "mechanism": start the effects at the SVD fit of the measured singles as it is
             ("none") or turned by a varimax rotation towards few nodes per gene ("varimax"). Varimax raised
             simulator MCC from 0.70 to 0.78 but cost Norman LODO 0.0003 mse_de (0.0041 vs 0.0038).
+        curved_programs: "mechanism": give each latent node a quadratic gene program Q beside its linear
+            one W, so a node's change is u W + u² Q (Q starts at 0). Simulator (4 seeds): MCC 0.788 -> 0.846,
+            mask F1 0.605 -> 0.684.
         covariate_inputs: Condition the z_inv encoder and the decoder on each cell's covariate level
             (`data.covariate_keys`: cell line, stimulation), a one-hot appended to their inputs as scVI does
             with batch, so z_inv need not carry the level and the decoder can map one z_p to a different
@@ -114,6 +117,7 @@ class PerturbedVAEConfig:
     saturation_init: float = 1.5
     saturation: str = "genes"
     initial_rotation: str = "none"
+    curved_programs: bool = False
     covariate_inputs: bool = False
     n_covariate_levels: int = 0
 
@@ -122,7 +126,7 @@ class PerturbedVAEConfig:
             check_number(name, getattr(self, name), low=1, integer=True)
         if self.gene_feature_dim is not None:
             check_number("gene_feature_dim", self.gene_feature_dim, low=1, integer=True)
-        for name in ("causal_layer", "pairwise_interaction", "covariate_inputs"):
+        for name in ("causal_layer", "pairwise_interaction", "covariate_inputs", "curved_programs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _check_choice("likelihood", self.likelihood, tuple(LIKELIHOOD_HEADS))
@@ -135,6 +139,8 @@ class PerturbedVAEConfig:
         check_number("n_covariate_levels", self.n_covariate_levels, low=0, integer=True)
         if self.covariate_inputs and self.composition == "mechanism":
             raise ConfigError("covariate_inputs needs composition latent_sum (the mechanism design decodes no covariate)")
+        if self.curved_programs and self.composition != "mechanism":
+            raise ConfigError("curved_programs needs composition mechanism (latent_sum decodes through its MLP, not through gene programs)")
         if isinstance(self.reference_controls, bool) or not isinstance(self.reference_controls, int) or self.reference_controls < 0:
             raise ConfigError(f"reference_controls must be a non-negative integer, got {self.reference_controls!r}")
         _check_choice("mask_kind", self.mask_kind, tuple(MASK_FAMILIES))

@@ -74,6 +74,8 @@ class MechanismEffects(nn.Module):
         self.graph = nn.Parameter(torch.zeros(k, k))
         self.register_buffer("strictly_upper", torch.ones(k, k).triu(diagonal=1), persistent=False)
         self.programs = nn.Parameter(torch.randn(k, g) * 0.01)
+        # The quadratic programs exist only when asked for, so heads saved without them still load.
+        self.curvature = nn.Parameter(torch.zeros(k, g)) if config.curved_programs else None
         self.raw_kappa = nn.Parameter(torch.tensor(_softplus_inverse(config.saturation_init - 1.0)))
         self.register_buffer("single_prior", torch.zeros(p, g))
         self.register_buffer("has_prior", torch.zeros(p, dtype=torch.bool))
@@ -136,14 +138,20 @@ class MechanismEffects(nn.Module):
         return u.squeeze(1).to(shift.dtype)
 
     def decode(self, u: torch.Tensor) -> torch.Tensor:
-        """The gene-level change of responses u [R, K]: σ(u W); τ(u) W with saturation nodes; σ(τ(u) W) with both."""
+        """The gene-level change of responses u [R, K]: σ(p(u)); p(τ(u)) with saturation nodes; σ(p(τ(u))) with both.
+
+        p(u) = u W, plus (u ⊙ u) Q with `curved_programs`: each node then moves genes along a bent curve
+        of its own, which a linear program can only fit by borrowing a second node (on the simulator,
+        whose decoder is a random MLP, that borrowing was most of the false mask entries).
+        """
         if self.config.saturation in ("nodes", "both"):
             node_scale = self.kappa * self.node_scale
             u = node_scale * torch.tanh(u / node_scale)
+        programs = u @ self.programs if self.curvature is None else u @ self.programs + (u * u) @ self.curvature
         if self.config.saturation == "nodes":
-            return u @ self.programs
+            return programs
         scale = self.kappa * self.gene_scale
-        return scale * torch.tanh((u @ self.programs) / scale)
+        return scale * torch.tanh(programs / scale)
 
     def forward(self, perturbations: torch.Tensor, deterministic: bool) -> MechanismOutput:
         gene_index = perturbations.ne(0).any(dim=0).nonzero().squeeze(1)
