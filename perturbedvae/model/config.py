@@ -79,7 +79,7 @@ class PerturbedVAEConfig:
             ("none") or turned by a varimax rotation towards few nodes per gene ("varimax"). Varimax raised
             simulator MCC from 0.70 to 0.78 but cost Norman LODO 0.0003 mse_de (0.0041 vs 0.0038).
         curved_programs: "mechanism": give each latent node a quadratic gene program Q beside its linear
-            one W, so a node's change is u W + u² Q (Q starts at 0). Simulator (4 seeds): MCC 0.788 -> 0.846,
+            one W, so a node's change is u W + u² Q (Q starts at 0). Simulator (4 seeds): MCC 0.788 -> 0.845,
             mask F1 0.605 -> 0.684.
         covariate_inputs: Condition the z_inv encoder and the decoder on each cell's covariate level
             (`data.covariate_keys`: cell line, stimulation), a one-hot appended to their inputs as scVI does
