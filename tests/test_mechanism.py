@@ -9,6 +9,7 @@ import torch
 from perturbedvae.errors import ConfigError
 from perturbedvae.evaluate.invariance import alignment_null, condition_probe
 from perturbedvae.model import PerturbedVAEHead, PerturbedVAEModule
+from perturbedvae.model.alignment import condition_alignment_penalty
 from perturbedvae.model.mechanism import MechanismEffects, varimax_rotation
 from tests.test_model import N_GENES, N_PERTURBATIONS, multi_hot, synthetic_batch, tiny_config
 
@@ -176,6 +177,34 @@ def test_mechanism_module_trains_predicts_and_round_trips(likelihood, saturation
     PerturbedVAEHead(module.config, module, [f"P{i}" for i in range(N_PERTURBATIONS)], [f"G{i}" for i in range(N_GENES)]).save_pretrained(tmp_path)
     loaded = PerturbedVAEHead.from_pretrained(tmp_path).module
     torch.testing.assert_close(loaded.predict(batch["h"][:4], multi_hot((0, 1))), module.predict(batch["h"][:4], multi_hot((0, 1))))
+
+
+def test_reference_controls_enter_the_counterfactual_and_alignment_as_their_own_encoding_and_decoding():
+    """Encoded and decoded in one pass with the batch, the reference controls still give the terms' definitions."""
+    torch.manual_seed(1)
+    batch = synthetic_batch("gaussian")
+    controls = batch["perturbations"].sum(1) == 0
+    # Shifted, so that no reference control equals a batch cell and a mixed-up slice shows.
+    reference_h, reference_x = batch["h"][controls][:8] + 0.5, batch["x"][controls][:8] + 0.1
+    module = PerturbedVAEModule(mechanism_config(alignment="mmd_per_condition")).eval()
+    parts = module({**batch, "control_h": reference_h, "control_x": reference_x}).parts
+    torch.testing.assert_close(parts["reconstruction"], module(batch).parts["reconstruction"])
+    with torch.no_grad():
+        reference = module.inference(reference_h).qz_mean
+        decoded = module.likelihood_head(module.decoder(reference)).mean.mean(0)
+        change = module.effects.prediction(module.perturbation_effect(batch["perturbations"]))
+        precision = torch.exp(-module.likelihood_head.clamped_log_variance())
+        _, group = torch.unique(batch["perturbations"], dim=0, return_inverse=True)
+        squared = sum(
+            (group == label).sum() * ((batch["x"][group == label].mean(0) - decoded - change[group == label].mean(0)) ** 2 * precision).sum()
+            for label in group.unique()
+        )
+        squared = squared + len(reference_x) * ((reference_x.mean(0) - decoded) ** 2 * precision).sum()
+        torch.testing.assert_close(parts["counterfactual"], squared / (2 * len(batch["x"])), rtol=1e-4, atol=1e-6)
+        points = torch.cat([module.inference(batch["h"]).qz_mean, reference])
+        flags = torch.cat([controls, torch.ones(len(reference), dtype=torch.bool)])
+        labels = torch.cat([group, group.new_zeros(len(reference))])
+        torch.testing.assert_close(parts["alignment"], condition_alignment_penalty(points, flags, labels), rtol=1e-4, atol=1e-7)
 
 
 def test_calibration_makes_decoded_controls_average_their_observed_mean():

@@ -325,6 +325,8 @@ def test_condition_alignment_sees_conditions_that_split_the_control_cloud():
     """Two conditions each holding one half of the control distribution: pooled they look like controls."""
     generator = torch.Generator().manual_seed(3)
     control, perturbed = torch.randn(200, 4, generator=generator), torch.randn(200, 4, generator=generator)
+    control.requires_grad_(True)
+    perturbed.requires_grad_(True)
     z = torch.cat([control, perturbed])
     is_control = torch.arange(400) < 200
     halves = torch.cat([torch.zeros(200, dtype=torch.long), (perturbed[:, 0] > 0).long() + 1])
@@ -337,6 +339,10 @@ def test_condition_alignment_sees_conditions_that_split_the_control_cloud():
     sizes = [int((halves[200:] == label).sum()) for label in (1, 2)]
     direct = sum(n * _unbiased_mmd(perturbed[halves[200:] == label], control, scale) for n, label in zip(sizes, (1, 2))) / 200
     torch.testing.assert_close(split, direct, rtol=1e-4, atol=1e-6)
+    # The same gradient: the penalty reads only same-condition pairs, the definition every pair.
+    gradients = torch.autograd.grad(split, (control, perturbed))
+    for actual, expected in zip(gradients, torch.autograd.grad(direct, (control, perturbed))):
+        torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-7)
 
 
 def test_median_scale_is_the_median_squared_distance_over_all_distinct_pairs_per_dimension():

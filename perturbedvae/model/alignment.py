@@ -34,7 +34,11 @@ def gaussian_kernel(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | floa
     `scale` multiplies every bandwidth's square (1: the unit-scale bandwidths; see `median_scale`).
     """
     # Expanded form rather than torch.cdist, whose gradient is NaN at zero distance (the diagonal).
-    squared = _squared_distances(a, b) / a.shape[-1]
+    return _mixture(_squared_distances(a, b) / a.shape[-1], scale)
+
+
+def _mixture(squared: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """The kernel mixture of squared distances already divided by the latent width (any shape)."""
     # A running sum of exp(squared · c_s) with c_s = −1 / (2 s² scale): one multiply and one exp per bandwidth
     # instead of a negation, a division, a stack and a mean; the MMD was a fifth of a training step (issue 14).
     coefficients = [-1.0 / (2 * s**2) / scale for s in BANDWIDTHS]
@@ -115,18 +119,21 @@ def condition_alignment_penalty(
     kept = sizes >= 2
     if not kept.any():
         return z_mean.sum() * 0.0
+    # Only pairs inside one condition enter its within term: a batch of ~30 conditions holds a few hundred
+    # such pairs, where the whole perturbed-by-perturbed kernel held 16,000 (forward and backward of 192
+    # rows in 30 conditions: 2.5-2.7 ms before, 2.2 ms after, on one core).
+    first, second = (group[:, None] == group[None, :]).triu(diagonal=1).nonzero(as_tuple=True)
     if kernel is None:
         scale = median_scale(z_mean)
-        within = gaussian_kernel(perturbed, perturbed, scale)
+        pairs = _mixture((perturbed[first] - perturbed[second]).pow(2).sum(-1) / z_mean.shape[-1], scale)
         cross = gaussian_kernel(perturbed, control, scale)
         controls = gaussian_kernel(control, control, scale)
     else:
-        within = _block(kernel, ~is_control, ~is_control)
+        pairs = _block(kernel, ~is_control, ~is_control)[first, second]
         cross = _block(kernel, ~is_control, is_control)
         controls = _block(kernel, is_control, is_control)
-    # Σ over pairs i ≠ j of a condition: the condition's block sum (column sums of within @ one_hot over its
-    # own rows) without the diagonal terms k(x_i, x_i).
-    within_sums = (one_hot * (within @ one_hot)).sum(dim=0) - one_hot.T @ within.diagonal()
+    # Σ over ordered pairs i ≠ j of a condition: twice its unordered pairs' sum.
+    within_sums = 2 * sizes.new_zeros(len(sizes)).index_add(0, group[first], pairs.to(sizes.dtype))
     cross_sums = one_hot.T @ cross.sum(dim=1)
     n_control = control.shape[0]
     control_term = (controls.sum() - controls.diagonal().sum()) / (n_control * (n_control - 1))
