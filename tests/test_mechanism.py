@@ -179,6 +179,25 @@ def test_mechanism_module_trains_predicts_and_round_trips(likelihood, saturation
     torch.testing.assert_close(loaded.predict(batch["h"][:4], multi_hot((0, 1))), module.predict(batch["h"][:4], multi_hot((0, 1))))
 
 
+@pytest.mark.parametrize("likelihood", ["gaussian", "nb"])
+def test_singles_misfit_is_weighted_by_the_likelihoods_curvature(likelihood):
+    """f({g}) must match each measured single Δ_g, each squared error weighted by the likelihood's curvature in the offset."""
+    torch.manual_seed(3)
+    batch = synthetic_batch(likelihood)
+    module = PerturbedVAEModule(mechanism_config(likelihood=likelihood)).eval()
+    module.effects.set_single_priors(torch.randn(N_PERTURBATIONS, N_GENES), torch.ones(N_PERTURBATIONS, dtype=torch.bool))
+    parts = module(batch).parts
+    with torch.no_grad():
+        effect = module.perturbation_effect(batch["perturbations"])
+        hidden = module.decoder(module.inference(batch["h"]).qz_mean)
+        output = module.likelihood_head(hidden, batch["library_size"], module.effects.prediction(effect))
+        single = batch["perturbations"].sum(1) == 1
+        squared = ((effect.modelled - effect.anchored)[single] ** 2 * output.offset_precision()[single]).sum()
+        expected = -output.cell_log_prob(batch["x"]).mean() + squared / (2 * len(batch["x"]))
+    assert squared > 1.0  # the misfit is a real part of the term
+    torch.testing.assert_close(parts["reconstruction"], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_controls_enter_the_counterfactual_and_alignment_as_their_own_encoding_and_decoding():
     """Encoded and decoded in one pass with the batch, the reference controls still give the terms' definitions."""
     torch.manual_seed(1)

@@ -14,7 +14,9 @@ from perturbedvae.model.causal import LatentCausalLayer
 from perturbedvae.model.likelihoods import (
     MIN_GAUSSIAN_VARIANCE,
     GaussianHead,
+    GaussianOutput,
     NegativeBinomialHead,
+    NegativeBinomialOutput,
     gaussian_log_prob,
     negative_binomial_cell_log_prob,
     negative_binomial_log_prob,
@@ -147,6 +149,20 @@ def test_gaussian_log_prob_matches_torch_distributions():
     x, mean, log_variance = torch.tensor([0.0, 2.5]), torch.tensor([1.0, 2.0]), torch.tensor([0.3, -1.0])
     reference = torch.distributions.Normal(mean, torch.exp(0.5 * log_variance)).log_prob(x)
     torch.testing.assert_close(gaussian_log_prob(x, mean, log_variance), reference)
+
+
+def test_offset_precision_is_the_fisher_information_of_a_mean_offset():
+    """Σ_x p(x) (∂ log p(x) / ∂η)² for the mean μ·e^η at η = 0, summed exactly over counts, and 1/σ² for the Gaussian."""
+    rate, library, theta = torch.tensor([[0.002, 0.03, 0.2]]), torch.tensor([500.0]), torch.tensor([0.5, 3.0, 20.0])
+    output = NegativeBinomialOutput(rate, library, theta)
+    counts = torch.arange(3000.0)[:, None].expand(-1, 3)
+    offset = torch.zeros_like(counts, requires_grad=True)
+    log_prob = negative_binomial_log_prob(counts, output.mean * torch.exp(offset), theta)
+    (score,) = torch.autograd.grad(log_prob.sum(), offset)
+    fisher = (torch.exp(log_prob.detach()) * score**2).sum(dim=0)
+    torch.testing.assert_close(output.offset_precision()[0], fisher, rtol=1e-3, atol=0)
+    log_variance = torch.tensor([[0.3, -1.0, 2.0]])
+    torch.testing.assert_close(GaussianOutput(torch.zeros(1, 3), log_variance).offset_precision(), torch.exp(-log_variance))
 
 
 def test_likelihood_heads():

@@ -104,6 +104,10 @@ class GaussianOutput:
     def log_normalized(self) -> torch.Tensor:
         return self.mean
 
+    def offset_precision(self) -> torch.Tensor:
+        """[genes] curvature of −log p in the mean offset: 1/σ² (exact; the Gaussian is quadratic in it)."""
+        return torch.exp(-self.log_variance)
+
     def sample_log_normalized(self) -> torch.Tensor:
         """One draw per cell from N(mean, variance), clipped at 0 (torch's global RNG).
 
@@ -135,6 +139,15 @@ class NegativeBinomialOutput:
         `nonzero`: flat positions of x's non-zero entries when known (see `negative_binomial_cell_log_prob`).
         """
         return negative_binomial_cell_log_prob(x, self.mean, self.inverse_dispersion, nonzero)
+
+    def offset_precision(self) -> torch.Tensor:
+        """[B, genes] Fisher information of the rate-logit offset per cell and gene: μθ / (μ + θ), held constant.
+
+        The NB's counterpart of the Gaussian's 1/σ²: a squared error d² in the offset costs about
+        d² · μθ / (2(μ + θ)) of log-likelihood. It is a weight, not a model term, so no gradient flows through it.
+        """
+        mean = self.mean.detach()
+        return mean * self.inverse_dispersion.detach() / (mean + self.inverse_dispersion.detach())
 
     def log_normalized(self) -> torch.Tensor:
         """E[log1p(1e4 · X / total(X))] under the model: the data's own statistic, per cell and gene.
