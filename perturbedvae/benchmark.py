@@ -76,6 +76,8 @@ class BenchmarkResult:
     timing: dict[str, dict] = field(default_factory=dict)
     out: Path | None = None
     noise_repeats: int = 20
+    selection: dict[str, str] = field(default_factory=dict)
+    """`train.selection` of each model config, so the report says how its epochs were kept."""
 
 
 def parse_model_configs(configs: Sequence[str]) -> dict[str, Path]:
@@ -154,7 +156,8 @@ def run_benchmark(
     noise = noise_floor(data, sorted(set(tidy["combination"])), de, n_repeats=noise_repeats)
     learned = [name for name in dict.fromkeys(tidy["model"]) if name not in BASELINES]
     verdicts = paired_verdicts(tidy, learned, list(BASELINES), _metrics(protocol), n_bootstrap=n_bootstrap)
-    result = BenchmarkResult(tidy, verdicts, noise, timing, out, noise_repeats)
+    selection = {name: config.train.selection for name, config in bases.items()}
+    result = BenchmarkResult(tidy, verdicts, noise, timing, out, noise_repeats, selection)
     command = " ".join(["perturbedvae benchmark", *[f"--config {item}" for item in configs], f"--protocol {protocol}",
                         "--seeds", *map(str, seeds), f"--out {out}", *overrides])
     write_benchmark(result, protocol, command, time.perf_counter() - started)
@@ -218,6 +221,22 @@ def write_benchmark(result: BenchmarkResult, protocol: str, command: str, second
     (out / "benchmark.md").write_text(benchmark_markdown(result, protocol, command, seconds, overall, per_combination, models))
 
 
+SELECTION_WORDS = {
+    "held_out_cells": "epochs selected on held-out cells of the training conditions",
+    "val_conditions": "epochs selected on the split's validation conditions",
+    "last": "the last epoch kept",
+}
+"""How the report names each `train.selection`."""
+
+
+def selection_sentence(selection: dict[str, str]) -> str:
+    """How the models' epochs were kept: one phrase when they share it, else one per model."""
+    kinds = set(selection.values())
+    if len(kinds) <= 1:
+        return SELECTION_WORDS[kinds.pop() if kinds else "held_out_cells"]
+    return "; ".join(f"{name}: {SELECTION_WORDS[kind]}" for name, kind in selection.items())
+
+
 def benchmark_markdown(result: BenchmarkResult, protocol: str, command: str, seconds: float,
                        overall: pd.DataFrame, per_combination: pd.DataFrame, models: list[str]) -> str:
     tidy, noise = result.tidy, result.noise
@@ -229,7 +248,7 @@ def benchmark_markdown(result: BenchmarkResult, protocol: str, command: str, sec
         "```bash", command, "```", "",
         (f"{len(combinations)} held-out combinations × {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
          f"{seconds / 60:.1f} min wall. Every model and baseline trained on the same conditions in each fold; "
-         "epochs selected on held-out cells of the training conditions. Arrows: ↓ lower is better, ↑ higher."), "",
+         f"{selection_sentence(result.selection)}. Arrows: ↓ lower is better, ↑ higher."), "",
         "## Mean over held-out combinations (mean ± sd over seeds)", "",
         frame_markdown(_wide(overall, profile_metrics, models, noise_means=noise.mean())), "",
     ]

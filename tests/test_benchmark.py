@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from accelerate.state import AcceleratorState
 
-from perturbedvae.benchmark import run_benchmark
+from perturbedvae.benchmark import run_benchmark, selection_sentence
 from perturbedvae.cli import main
 from perturbedvae.data.splits import Split
 from perturbedvae.errors import ConfigError
@@ -50,6 +50,7 @@ def test_benchmark_writes_tidy_scores_of_every_model_and_baseline(kfold):
     np.testing.assert_allclose(additive[1], additive[2])  # deterministic baselines repeat per seed
     markdown = (out / "benchmark.md").read_text()
     assert "noise floor" in markdown and "| perturbedvae | saturating_additive | mse_de ↓ |" in markdown
+    assert "epochs selected on held-out cells of the training conditions" in markdown  # the benchmark's default
 
 
 def test_every_fold_trains_model_and_baselines_on_the_same_conditions_and_scores_like_the_run(kfold):
@@ -81,7 +82,7 @@ def test_verdicts_pair_every_combination_and_seed(kfold):
 
 
 def test_singles_only_keeps_generated_cells_apart(tmp_path):
-    result = run_benchmark([CONFIG], "singles_only", [1], tmp_path / "singles", OVERRIDES, n_bootstrap=100)
+    result = run_benchmark([CONFIG], "singles_only", [1], tmp_path / "singles", [*OVERRIDES, "train.selection=last"], n_bootstrap=100)
     models = set(result.tidy["model"])
     assert {"perturbedvae", "perturbedvae[generated]"} <= models
     assert {"nrmse", "r2", "mmd"} <= set(result.tidy["metric"])
@@ -92,6 +93,14 @@ def test_singles_only_keeps_generated_cells_apart(tmp_path):
     assert not np.allclose(generated.to_numpy(), means.to_numpy())  # generated cells are scored as themselves
     markdown = (tmp_path / "singles" / "benchmark.md").read_text()
     assert "Pseudo-cells" in markdown and "Generated cells" in markdown
+    assert "the last epoch kept" in markdown and "held-out cells" not in markdown  # the report says what the user asked
+
+
+def test_selection_sentence_names_each_models_selection_when_they_differ():
+    assert selection_sentence({"a": "last", "b": "last"}) == "the last epoch kept"
+    assert selection_sentence({"a": "last", "b": "held_out_cells"}) == (
+        "a: the last epoch kept; b: epochs selected on held-out cells of the training conditions"
+    )
 
 
 def test_benchmark_refuses_bad_requests(tmp_path, capsys):
