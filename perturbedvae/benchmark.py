@@ -232,8 +232,8 @@ SELECTION_WORDS = {
 def selection_sentence(selection: dict[str, str]) -> str:
     """How the models' epochs were kept: one phrase when they share it, else one per model."""
     kinds = set(selection.values())
-    if len(kinds) <= 1:
-        return SELECTION_WORDS[kinds.pop() if kinds else "held_out_cells"]
+    if len(kinds) == 1:
+        return SELECTION_WORDS[kinds.pop()]
     return "; ".join(f"{name}: {SELECTION_WORDS[kind]}" for name, kind in selection.items())
 
 

@@ -160,9 +160,10 @@ def test_offset_precision_is_the_fisher_information_of_a_mean_offset():
     log_prob = negative_binomial_log_prob(counts, output.mean * torch.exp(offset), theta)
     (score,) = torch.autograd.grad(log_prob.sum(), offset)
     fisher = (torch.exp(log_prob.detach()) * score**2).sum(dim=0)
-    torch.testing.assert_close(output.offset_precision()[0], fisher, rtol=1e-3, atol=0)
-    log_variance = torch.tensor([[0.3, -1.0, 2.0]])
-    torch.testing.assert_close(GaussianOutput(torch.zeros(1, 3), log_variance).offset_precision(), torch.exp(-log_variance))
+    torch.testing.assert_close(output.offset_precision(torch.tensor([0]))[0], fisher, rtol=1e-3, atol=0)
+    log_variance = torch.tensor([[0.3, -1.0, 2.0], [0.0, 1.0, -2.0]])
+    rows = torch.tensor([False, True])
+    torch.testing.assert_close(GaussianOutput(torch.zeros(2, 3), log_variance).offset_precision(rows), torch.exp(-log_variance[1:]))
 
 
 def test_likelihood_heads():

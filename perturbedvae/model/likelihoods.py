@@ -104,9 +104,9 @@ class GaussianOutput:
     def log_normalized(self) -> torch.Tensor:
         return self.mean
 
-    def offset_precision(self) -> torch.Tensor:
-        """[genes] curvature of −log p in the mean offset: 1/σ² (exact; the Gaussian is quadratic in it)."""
-        return torch.exp(-self.log_variance)
+    def offset_precision(self, rows: torch.Tensor) -> torch.Tensor:
+        """[rows, genes] curvature of −log p in the mean offset of the given cells (mask or index): 1/σ², exact."""
+        return torch.exp(-self.log_variance[rows])
 
     def sample_log_normalized(self) -> torch.Tensor:
         """One draw per cell from N(mean, variance), clipped at 0 (torch's global RNG).
@@ -140,14 +140,16 @@ class NegativeBinomialOutput:
         """
         return negative_binomial_cell_log_prob(x, self.mean, self.inverse_dispersion, nonzero)
 
-    def offset_precision(self) -> torch.Tensor:
-        """[B, genes] Fisher information of the rate-logit offset per cell and gene: μθ / (μ + θ), held constant.
+    def offset_precision(self, rows: torch.Tensor) -> torch.Tensor:
+        """[rows, genes] Fisher information of the rate-logit offset of the given cells (mask or index): μθ / (μ + θ).
 
         The NB's counterpart of the Gaussian's 1/σ²: a squared error d² in the offset costs about
-        d² · μθ / (2(μ + θ)) of log-likelihood. It is a weight, not a model term, so no gradient flows through it.
+        d² · μθ / (2(μ + θ)) of log-likelihood. It is a weight, not a model term, so no gradient flows through
+        it; only the asked rows' means are formed (the loss weighs the singles' cells, not the whole batch).
         """
-        mean = self.mean.detach()
-        return mean * self.inverse_dispersion.detach() / (mean + self.inverse_dispersion.detach())
+        mean = (self.normalized_rate[rows] * self.library_size[rows].unsqueeze(-1)).detach()
+        theta = self.inverse_dispersion.detach()
+        return mean * theta / (mean + theta)
 
     def log_normalized(self) -> torch.Tensor:
         """E[log1p(1e4 · X / total(X))] under the model: the data's own statistic, per cell and gene.

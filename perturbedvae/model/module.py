@@ -278,7 +278,7 @@ class PerturbedVAEModule(nn.Module):
         generative = self.likelihood_head(hidden[:n_cells], library_size, change)
         reconstruction = -generative.cell_log_prob(x, batch.get("x_nonzero")).mean()
         single = effect.anchorable & (perturbations.ne(0).sum(dim=1) == 1)
-        misfit = (effect.modelled - effect.anchored)[single] ** 2 * generative.offset_precision()[single]
+        misfit = (effect.modelled - effect.anchored)[single] ** 2 * generative.offset_precision(single)
         reconstruction = reconstruction + misfit.sum() / (2 * n_cells)
         qz_mean, counterfactual = inference.qz_mean, reconstruction.new_zeros(())
         if reference_mean is not None:
