@@ -345,6 +345,21 @@ def test_condition_alignment_sees_conditions_that_split_the_control_cloud():
         torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-7)
 
 
+def test_condition_alignment_gives_single_cell_conditions_no_weight_and_finite_gradients():
+    """An unbiased MMD² needs two cells per side: a condition with one cell in the batch must change nothing."""
+    generator = torch.Generator().manual_seed(5)
+    z = torch.randn(61, 3, generator=generator, requires_grad=True)
+    condition = torch.cat([torch.zeros(20, dtype=torch.long), torch.arange(40) % 2 + 1, torch.tensor([3])])
+    is_control = condition == 0
+    with_single = condition_alignment_penalty(z, is_control, condition)
+    # Without the last cell, but at the same bandwidths (they follow all rows, the single cell's included).
+    scale = median_scale(z)
+    direct = sum(20 * _unbiased_mmd(z[:60][condition[:60] == label], z[:20], scale) for label in (1, 2)) / 40
+    torch.testing.assert_close(with_single, direct, rtol=1e-4, atol=1e-6)
+    (gradient,) = torch.autograd.grad(with_single, z)
+    assert torch.isfinite(gradient).all() and gradient[60].abs().max() == 0
+
+
 def test_median_scale_is_the_median_squared_distance_over_all_distinct_pairs_per_dimension():
     """The upper triangle it reads gives the lower median of every ordered pair (each value twice) exactly."""
     generator = torch.Generator().manual_seed(4)

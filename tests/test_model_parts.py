@@ -22,6 +22,7 @@ from perturbedvae.model.likelihoods import (
     negative_binomial_log_prob,
 )
 from perturbedvae.model.masks import GumbelBernoulliMask, HardConcreteMask, make_mask
+from perturbedvae.model.rows import unique_rows
 from perturbedvae.train.datamodule import stored_positions
 
 MASK_KINDS = ["hard_concrete", "gumbel"]
@@ -171,9 +172,24 @@ def test_likelihood_heads():
     nb = NegativeBinomialHead(5, 7)(hidden, torch.tensor([100.0, 1000.0, 50.0]))
     torch.testing.assert_close(nb.mean.sum(1), torch.tensor([100.0, 1000.0, 50.0]))
     torch.testing.assert_close(NegativeBinomialHead(5, 7)(hidden).library_size, torch.full((3,), 1e4))
-    gaussian = GaussianHead(5, 7)(hidden)
+    head = GaussianHead(5, 7)
+    gaussian = head(hidden)
     assert gaussian.log_variance.shape == (3, 7)
     torch.testing.assert_close(gaussian.log_normalized(), gaussian.mean)
+    torch.testing.assert_close(head.average_mean(hidden), gaussian.mean.mean(dim=0))
+
+
+@pytest.mark.parametrize("forced_collision", [False, True])
+def test_unique_rows_groups_exactly_the_equal_rows(forced_collision):
+    generator = torch.Generator().manual_seed(0)
+    table = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 2.5]])
+    rows = table[torch.randint(0, len(table), (40,), generator=generator)]
+    # A projection of ones gives [1, 0, 0] and [0, 1, 0] the same key: the exact fallback must separate them.
+    projection = torch.ones(3, dtype=torch.float64) if forced_collision else None
+    distinct, inverse = unique_rows(rows, projection)
+    assert torch.equal(distinct[inverse], rows)
+    assert len(distinct) == len(torch.unique(rows, dim=0))
+    assert torch.equal(inverse[:, None] == inverse[None, :], (rows[:, None] == rows[None, :]).all(dim=-1))
 
 
 def test_causal_layer_solves_the_linear_structural_equations():

@@ -119,15 +119,23 @@ def condition_alignment_penalty(
     kept = sizes >= 2
     if not kept.any():
         return z_mean.sum() * 0.0
+    # Weights instead of boolean indexing of the per-condition terms: each such index is a search and a
+    # gather, five of them were a tenth of the penalty's cost. Single-cell conditions weigh 0.
+    weight = sizes * kept.to(sizes.dtype)
     # Only pairs inside one condition enter its within term: a batch of ~30 conditions holds a few hundred
     # such pairs, where the whole perturbed-by-perturbed kernel held 16,000 (forward and backward of 192
     # rows in 30 conditions: 2.5-2.7 ms before, 2.2 ms after, on one core).
     first, second = (group[:, None] == group[None, :]).triu(diagonal=1).nonzero(as_tuple=True)
+    n_pairs, n_perturbed, n_control = len(first), perturbed.shape[0], control.shape[0]
     if kernel is None:
-        scale = median_scale(z_mean)
-        pairs = _mixture((perturbed[first] - perturbed[second]).pow(2).sum(-1) / z_mean.shape[-1], scale)
-        cross = gaussian_kernel(perturbed, control, scale)
-        controls = gaussian_kernel(control, control, scale)
+        # The three blocks' distances go through one kernel mixture (a third of its operations; 12% of the
+        # penalty's forward and backward on Norman-sized batches).
+        squared = torch.cat([(perturbed[first] - perturbed[second]).pow(2).sum(-1),
+                             _squared_distances(perturbed, control).flatten(), _squared_distances(control, control).flatten()])
+        mixed = _mixture(squared / z_mean.shape[-1], median_scale(z_mean))
+        pairs = mixed[:n_pairs]
+        cross = mixed[n_pairs:n_pairs + n_perturbed * n_control].view(n_perturbed, n_control)
+        controls = mixed[n_pairs + n_perturbed * n_control:].view(n_control, n_control)
     else:
         pairs = _block(kernel, ~is_control, ~is_control)[first, second]
         cross = _block(kernel, ~is_control, is_control)
@@ -135,10 +143,9 @@ def condition_alignment_penalty(
     # Σ over ordered pairs i ≠ j of a condition: twice its unordered pairs' sum.
     within_sums = 2 * sizes.new_zeros(len(sizes)).index_add(0, group[first], pairs.to(sizes.dtype))
     cross_sums = one_hot.T @ cross.sum(dim=1)
-    n_control = control.shape[0]
     control_term = (controls.sum() - controls.diagonal().sum()) / (n_control * (n_control - 1))
-    mmd = within_sums[kept] / (sizes[kept] * (sizes[kept] - 1)) + control_term - 2 * cross_sums[kept] / (sizes[kept] * n_control)
-    return (mmd * sizes[kept]).sum() / sizes[kept].sum()
+    mmd = within_sums / (sizes * (sizes - 1)).clamp_min(1.0) + control_term - 2 * cross_sums / (sizes * n_control)
+    return (mmd * weight).sum() / weight.sum()
 
 
 def _block(kernel: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

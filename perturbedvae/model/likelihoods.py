@@ -200,6 +200,14 @@ class GaussianHead(nn.Module):
         self.mean.bias.copy_(x.mean(dim=0))
         self.log_variance.copy_(torch.log(x.var(dim=0) + MIN_GAUSSIAN_VARIANCE).clamp(*_LOG_VARIANCE_RANGE))
 
+    def average_mean(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n_genes] the decoded mean averaged over the rows of `hidden` [rows, n_hidden].
+
+        The mean is affine in the hidden row, so its average is the mean of the average row: one row
+        through the layer instead of all of them.
+        """
+        return self.mean(hidden.mean(dim=0))
+
     def forward(self, hidden: torch.Tensor, library_size: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> GaussianOutput:
         """`library_size` is ignored: log-normalized data carry no library size. `offset` adds to the mean."""
         log_variance = self.clamped_log_variance().expand(hidden.shape[0], -1)

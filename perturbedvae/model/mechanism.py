@@ -53,6 +53,7 @@ from torch import nn
 from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.model.effects import INITIAL_KEEP_PROBABILITY, PerturbationOutput
 from perturbedvae.model.masks import make_mask
+from perturbedvae.model.rows import unique_rows
 
 _MIN_SCALE = 1e-3
 MASK_LOGIT_SCALE = 10.0
@@ -160,12 +161,15 @@ class MechanismEffects(nn.Module):
         weights = perturbations[:, gene_index]
         effects, logits = self.effect_table[gene_index], self.mask_logits()[gene_index]
         masks = self.mask.deterministic(logits, self.config.eval_mask) if deterministic else self.mask.sample(logits)
-        rows, inverse = torch.unique(weights, dim=0, return_inverse=True)  # few conditions per batch
+        rows, inverse = unique_rows(weights)  # few conditions per batch
         present = rows.ne(0).to(masks.dtype)
         targets = 1.0 - torch.exp(present @ torch.log1p(-masks.clamp(max=1.0 - 1e-6)))
-        u = self.solve(rows @ (masks * effects), targets)
-        modelled = self.decode(u)
-        singles = self.decode(self.solve(masks * effects, masks))  # [A, genes]: f({g}) of each present gene
+        # The batch's conditions and each present gene alone (f({g}), [A, genes]) in one solve and one decode.
+        gene_shifts = masks * effects
+        n_rows, shift = len(rows), rows @ gene_shifts
+        responses = self.solve(torch.cat([shift, gene_shifts]), torch.cat([targets, masks]))
+        u, decoded = responses[:n_rows], self.decode(responses)
+        modelled, singles = decoded[:n_rows], decoded[n_rows:]
         anchorable = (present @ (~self.has_prior[gene_index]).to(masks.dtype) == 0) & (present.sum(dim=1) > 0)
         anchored = rows @ self.single_prior[gene_index] + modelled - rows @ singles
         sparsity = self.mask.kl_to_prior(logits.float(), self.config.mask_prior_prob).sum()
@@ -173,29 +177,38 @@ class MechanismEffects(nn.Module):
         n_cells = perturbations.shape[0]
         return MechanismOutput(
             z_p=u[inverse],
-            shift=(rows @ (masks * effects))[inverse],
+            shift=shift[inverse],
             gene_index=gene_index,
             masks=masks,
             sparsity=(sparsity + effect_prior) / n_cells,
-            modelled=modelled[inverse],
-            anchored=anchored[inverse],
-            anchorable=anchorable[inverse],
+            condition=inverse,
+            condition_modelled=modelled,
+            condition_anchored=anchored,
+            condition_anchorable=anchorable,
+            condition_n_genes=present.sum(dim=1),
         )
 
     def _no_perturbation(self, perturbations: torch.Tensor) -> MechanismOutput:
-        """Every cell a control: no change, no penalty."""
+        """Every cell a control: one condition, no change, no penalty."""
         n_cells, k = perturbations.shape[0], self.config.n_latent
         latent = self.effect_table.new_zeros(n_cells, k)
-        change = self.programs.new_zeros(n_cells, self.config.n_genes)
+        change = self.programs.new_zeros(1, self.config.n_genes)
         return MechanismOutput(
             z_p=latent, shift=latent, gene_index=perturbations.new_zeros(0, dtype=torch.long), masks=latent[:0],
-            sparsity=latent.sum() * 0.0, modelled=change, anchored=change,
-            anchorable=torch.zeros(n_cells, dtype=torch.bool, device=perturbations.device),
+            sparsity=latent.sum() * 0.0, condition=torch.zeros(n_cells, dtype=torch.long, device=perturbations.device),
+            condition_modelled=change, condition_anchored=change,
+            condition_anchorable=torch.zeros(1, dtype=torch.bool, device=perturbations.device),
+            condition_n_genes=change.new_zeros(1),
         )
 
     def prediction(self, output: MechanismOutput) -> torch.Tensor:
-        """The change used for predictions: anchored where every gene has a measured single, else modelled."""
-        return torch.where(output.anchorable[:, None], output.anchored, output.modelled)
+        """[B, genes] the change used for predictions: anchored where every gene has a measured single, else modelled."""
+        return self.condition_prediction(output)[output.condition]
+
+    @staticmethod
+    def condition_prediction(output: MechanismOutput) -> torch.Tensor:
+        """`prediction` once per distinct condition of the batch ([conditions, genes], rows of `output.condition`)."""
+        return torch.where(output.condition_anchorable[:, None], output.condition_anchored, output.condition_modelled)
 
     # --- views -------------------------------------------------------------------------------------------
 
@@ -215,15 +228,39 @@ class MechanismEffects(nn.Module):
 class MechanismOutput(PerturbationOutput):
     """`PerturbationOutput` plus the gene-level changes (z_p is the latent response u).
 
+    The changes are held once per distinct condition of the batch (~30 rows for ~130 cells) and read per
+    cell through `condition`: the loss works per condition where it can (the counterfactual term, the
+    singles' misfit), and gathers one [cells, genes] copy where it needs one, not one per tensor.
+
     Attributes:
-        modelled: [B, genes] f(S), the model's change of each cell's condition.
-        anchored: [B, genes] Σ Δ_g + f(S) − Σ f({g}) (meaningful where `anchorable`).
-        anchorable: [B] whether every gene of the cell's condition has a measured single.
+        condition: [B] each cell's row in the per-condition tensors.
+        condition_modelled: [C, genes] f(S), the model's change of each condition.
+        condition_anchored: [C, genes] Σ Δ_g + f(S) − Σ f({g}) (meaningful where `condition_anchorable`).
+        condition_anchorable: [C] whether every gene of the condition has a measured single.
+        condition_n_genes: [C] how many genes each condition perturbs.
     """
 
-    def __init__(self, z_p, shift, gene_index, masks, sparsity, modelled, anchored, anchorable) -> None:
+    def __init__(self, z_p, shift, gene_index, masks, sparsity, condition, condition_modelled, condition_anchored,
+                 condition_anchorable, condition_n_genes) -> None:
         super().__init__(z_p=z_p, shift=shift, gene_index=gene_index, masks=masks, sparsity=sparsity)
-        self.modelled, self.anchored, self.anchorable = modelled, anchored, anchorable
+        self.condition = condition
+        self.condition_modelled, self.condition_anchored = condition_modelled, condition_anchored
+        self.condition_anchorable, self.condition_n_genes = condition_anchorable, condition_n_genes
+
+    @property
+    def modelled(self) -> torch.Tensor:
+        """[B, genes] f(S) of each cell's condition."""
+        return self.condition_modelled[self.condition]
+
+    @property
+    def anchored(self) -> torch.Tensor:
+        """[B, genes] the anchored change of each cell's condition."""
+        return self.condition_anchored[self.condition]
+
+    @property
+    def anchorable(self) -> torch.Tensor:
+        """[B] whether every gene of the cell's condition has a measured single."""
+        return self.condition_anchorable[self.condition]
 
 
 def varimax_rotation(loadings: torch.Tensor, iterations: int = 200, tolerance: float = 1e-6) -> torch.Tensor:

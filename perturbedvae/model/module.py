@@ -37,6 +37,7 @@ from perturbedvae.model.effects import PerturbationEffects, PerturbationOutput
 from perturbedvae.model.layers import mlp
 from perturbedvae.model.likelihoods import LIKELIHOOD_HEADS, GenerativeOutput
 from perturbedvae.model.mechanism import MechanismEffects
+from perturbedvae.model.rows import unique_rows
 
 _LOG_VARIANCE_RANGE = (-10.0, 10.0)
 
@@ -191,11 +192,13 @@ class PerturbedVAEModule(nn.Module):
         inference, reference_mean = self._encode_with_reference(h, batch.get("control_h"), covariates)
         effect = self.perturbation_effect(perturbations)
         is_control = perturbations.ne(0).sum(dim=1) == 0
-        # Each cell's condition as an index, only where something reads it: one unique over rows (0.16-0.30 ms
-        # a call on Norman-sized batches) serves both the alignment and the counterfactual term.
+        # Each cell's condition as an index, for the per-condition alignment and the counterfactual term: the
+        # mechanism effects group the batch by condition already.
         condition = None
-        if self.config.alignment == "mmd_per_condition" or self._fits_counterfactual_means(reference_mean):
-            condition = torch.unique(perturbations, dim=0, return_inverse=True)[1]
+        if self.uses_mechanisms:
+            condition = effect.condition
+        elif self.config.alignment == "mmd_per_condition":
+            condition = unique_rows(perturbations)[1]
         qz_mean = inference.qz_mean
         if self.uses_mechanisms:
             reconstruction, counterfactual, qz_mean, is_control = self._mechanism_terms(
@@ -269,7 +272,7 @@ class PerturbedVAEModule(nn.Module):
         (`control_h`, `control_x`), their decoded mean plus each condition's predicted change must match the
         mean of that condition's cells (Gaussian), and they join the MMD's controls.
         """
-        x, perturbations = batch["x"], batch["perturbations"]
+        x = batch["x"]
         n_cells = x.shape[0]
         change = self.effects.prediction(effect)
         # The reference controls' decoder pass joins the batch's (see `_encode_with_reference`).
@@ -277,28 +280,31 @@ class PerturbedVAEModule(nn.Module):
         hidden = self.decoder(torch.cat([inference.z, reference_mean]) if counterfactual_controls else inference.z)
         generative = self.likelihood_head(hidden[:n_cells], library_size, change)
         reconstruction = -generative.cell_log_prob(x, batch.get("x_nonzero")).mean()
-        single = effect.anchorable & (perturbations.ne(0).sum(dim=1) == 1)
-        misfit = (effect.modelled - effect.anchored)[single] ** 2 * generative.offset_precision(single)
+        single = (effect.condition_anchorable & (effect.condition_n_genes == 1))[condition]
+        gap = effect.condition_modelled - effect.condition_anchored
+        misfit = gap[condition[single]] ** 2 * generative.offset_precision(single)
         reconstruction = reconstruction + misfit.sum() / (2 * n_cells)
         qz_mean, counterfactual = inference.qz_mean, reconstruction.new_zeros(())
         if reference_mean is not None:
             qz_mean = torch.cat([qz_mean, reference_mean])
             is_control = torch.cat([is_control, is_control.new_ones(reference_mean.shape[0])])
             if counterfactual_controls:
-                counterfactual = self._counterfactual_means(hidden[n_cells:], batch["control_x"], x, condition, change, n_cells)
+                counterfactual = self._counterfactual_means(
+                    hidden[n_cells:], batch["control_x"], x, condition, self.effects.condition_prediction(effect), n_cells
+                )
         return reconstruction, counterfactual, qz_mean, is_control
 
-    def _counterfactual_means(self, hidden_control, x_control, x, group, change, n_cells: int) -> torch.Tensor:
+    def _counterfactual_means(self, hidden_control, x_control, x, group, condition_change, n_cells: int) -> torch.Tensor:
         """Σ over the batch's conditions (and the reference controls) of n · Σ_g (observed − predicted mean)² / 2σ_g².
 
         Predicted means start from the reference controls' posterior means (`hidden_control`: their decoder
-        output), as predictions do; `group` [B] is each cell's condition index.
+        output), as predictions do; `group` [B] is each cell's row of `condition_change` [conditions, genes].
         """
-        decoded = self.likelihood_head(hidden_control).mean.mean(dim=0)
-        n_groups = int(group.max()) + 1
+        decoded = self.likelihood_head.average_mean(hidden_control)
+        n_groups = len(condition_change)
         sizes = torch.bincount(group, minlength=n_groups).to(x.dtype)
         observed = torch.zeros(n_groups, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, group, x) / sizes[:, None]
-        predicted = decoded + torch.zeros_like(observed).index_add_(0, group, change) / sizes[:, None]
+        predicted = decoded + condition_change
         precision = torch.exp(-self.likelihood_head.clamped_log_variance())
         conditions = (sizes[:, None] * (observed - predicted) ** 2 * precision).sum()
         controls = len(x_control) * ((x_control.mean(dim=0) - decoded) ** 2 * precision).sum()
