@@ -179,13 +179,14 @@ def test_likelihood_heads():
     torch.testing.assert_close(head.average_mean(hidden), gaussian.mean.mean(dim=0))
 
 
-@pytest.mark.parametrize("forced_collision", [False, True])
-def test_unique_rows_groups_exactly_the_equal_rows(forced_collision):
+@pytest.mark.parametrize("keys", ["random", "merged", "split"])
+def test_unique_rows_groups_exactly_the_equal_rows(keys):
     generator = torch.Generator().manual_seed(0)
     table = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 2.5]])
     rows = table[torch.randint(0, len(table), (40,), generator=generator)]
-    # A projection of ones gives [1, 0, 0] and [0, 1, 0] the same key: the exact fallback must separate them.
-    projection = torch.ones(3, dtype=torch.float64) if forced_collision else None
+    # Ones give [1, 0, 0] and [0, 1, 0] one key (merged); a NaN gives every row with a third entry its own
+    # key (split): the exact fallback must answer both.
+    projection = {"random": None, "merged": torch.ones(3), "split": torch.tensor([1.0, 2.0, float("nan")])}[keys]
     distinct, inverse = unique_rows(rows, projection)
     assert torch.equal(distinct[inverse], rows)
     assert len(distinct) == len(torch.unique(rows, dim=0))
