@@ -7,8 +7,9 @@ Trains CONFIG for `--epochs` epochs (no early stop) and times each call of `Trai
 process's CPU time, so validation, setup and the first epoch (allocations, caches) stay out; prints the
 median and the largest rate over epochs 2 and later. The code measured is whatever `perturbedvae` the
 interpreter imports, so a worktree of an older commit on PYTHONPATH measures that commit in the same
-conditions (a worktree beside the repository, so that its configs find ../shared). Torch keeps one thread even where the code under test sets its own count (older commits set
-as many as the machine has cores). `--old-cli`: the commit's CLI has no `-q`.
+conditions (a worktree beside the repository, so that its configs find ../shared). Torch keeps one
+thread even where the code under test sets its own count (older commits set as many as the machine has
+cores). `--old-cli`: the commit's CLI has no `-q`.
 """
 
 from __future__ import annotations

@@ -170,7 +170,8 @@ class MechanismEffects(nn.Module):
         responses = self.solve(torch.cat([shift, gene_shifts]), torch.cat([targets, masks]))
         u, decoded = responses[:n_rows], self.decode(responses)
         modelled, singles = decoded[:n_rows], decoded[n_rows:]
-        anchorable = (present @ (~self.has_prior[gene_index]).to(masks.dtype) == 0) & (present.sum(dim=1) > 0)
+        n_genes = present.sum(dim=1)
+        anchorable = (present @ (~self.has_prior[gene_index]).to(masks.dtype) == 0) & (n_genes > 0)
         anchored = rows @ self.single_prior[gene_index] + modelled - rows @ singles
         sparsity = self.mask.kl_to_prior(logits.float(), self.config.mask_prior_prob).sum()
         effect_prior = 0.5 * effects.float().pow(2).sum()
@@ -185,7 +186,7 @@ class MechanismEffects(nn.Module):
             condition_modelled=modelled,
             condition_anchored=anchored,
             condition_anchorable=anchorable,
-            condition_n_genes=present.sum(dim=1),
+            condition_n_genes=n_genes,
         )
 
     def _no_perturbation(self, perturbations: torch.Tensor) -> MechanismOutput:

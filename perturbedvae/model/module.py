@@ -274,7 +274,8 @@ class PerturbedVAEModule(nn.Module):
         """
         x = batch["x"]
         n_cells = x.shape[0]
-        change = self.effects.prediction(effect)
+        condition_change = self.effects.condition_prediction(effect)
+        change = condition_change[condition]
         # The reference controls' decoder pass joins the batch's (see `_encode_with_reference`).
         counterfactual_controls = self._fits_counterfactual_means(reference_mean)
         hidden = self.decoder(torch.cat([inference.z, reference_mean]) if counterfactual_controls else inference.z)
@@ -289,9 +290,7 @@ class PerturbedVAEModule(nn.Module):
             qz_mean = torch.cat([qz_mean, reference_mean])
             is_control = torch.cat([is_control, is_control.new_ones(reference_mean.shape[0])])
             if counterfactual_controls:
-                counterfactual = self._counterfactual_means(
-                    hidden[n_cells:], batch["control_x"], x, condition, self.effects.condition_prediction(effect), n_cells
-                )
+                counterfactual = self._counterfactual_means(hidden[n_cells:], batch["control_x"], x, condition, condition_change, n_cells)
         return reconstruction, counterfactual, qz_mean, is_control
 
     def _counterfactual_means(self, hidden_control, x_control, x, group, condition_change, n_cells: int) -> torch.Tensor:

@@ -34,7 +34,8 @@ def unique_rows(rows: torch.Tensor, projection: torch.Tensor | None = None) -> t
     merged = not torch.equal(distinct[inverse], rows)
     # Rows are equal exactly where their L1 distance is 0: only the diagonal may be (a broadcast compare of
     # all pairs cost four times as much).
-    split = int((torch.cdist(distinct.float(), distinct.float(), p=1.0) == 0).sum()) != len(distinct)
+    points = distinct.float()
+    split = int((torch.cdist(points, points, p=1.0) == 0).sum()) != len(distinct)
     if merged or split:
         return torch.unique(rows, dim=0, return_inverse=True)
     return distinct, inverse
