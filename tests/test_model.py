@@ -492,3 +492,30 @@ def test_sampled_predictions_vary_around_the_expectation(likelihood):
         error_of_average = (many - expected)[away_from_zero].abs().mean()
         # averaging removes the draw noise; what is left is the decoder's curvature over the latent noise
         assert error_of_average < 0.5 * (first - expected)[away_from_zero].abs().mean()
+
+
+def test_standardized_inputs_reach_the_encoder_centred_and_scaled():
+    """The standardizing head reads h as a plain head with the same weights reads (h - mean) / std."""
+    torch.manual_seed(0)
+    h = 2.0 + 0.05 * torch.randn(40, N_GENES)  # the frozen-embedding shape: large means, small spread
+    h[:, 0] = 1.5  # a constant dimension passes as 0, not NaN
+    standardizing = PerturbedVAEModule(tiny_config(standardize_inputs=True)).eval()
+    plain = PerturbedVAEModule(tiny_config()).eval()
+    plain.load_state_dict({k: v for k, v in standardizing.state_dict().items() if not k.startswith("input_")})
+    standardizing.initialize_inputs_from_data(h)
+    torch.testing.assert_close(standardizing.input_mean, h.mean(0))
+    torch.testing.assert_close(standardizing.input_scale[1:], h.std(0)[1:])
+    expected = plain.inference((h - h.mean(0)) / h.std(0).clamp_min(1e-6)).qz_mean
+    found = standardizing.inference(h).qz_mean
+    assert torch.isfinite(found).all()
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(found, plain.inference(h).qz_mean, atol=1e-3)
+
+
+def test_inputs_are_not_standardized_unless_asked():
+    module = PerturbedVAEModule(tiny_config())
+    assert not any(name.startswith("input_") for name in module.state_dict())
+    with pytest.raises(ConfigError, match="standardize_inputs"):
+        module.initialize_inputs_from_data(torch.randn(5, N_GENES))
+    with pytest.raises(ConfigError, match="true or false"):
+        tiny_config(standardize_inputs="yes")

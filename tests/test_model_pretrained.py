@@ -15,7 +15,7 @@ PERTURBATION_GENES = ["KLF1", "CEBPA", "CEBPB", "SET"]
 GENE_NAMES = [f"gene{i}" for i in range(9)]
 
 
-def build(likelihood: str = "gaussian", with_features: bool = False) -> PerturbedVAEHead:
+def build(likelihood: str = "gaussian", with_features: bool = False, standardize_inputs: bool = False) -> PerturbedVAEHead:
     torch.manual_seed(0)
     config = PerturbedVAEConfig(
         n_input=6,
@@ -26,12 +26,15 @@ def build(likelihood: str = "gaussian", with_features: bool = False) -> Perturbe
         n_layers=1,
         likelihood=likelihood,
         gene_feature_dim=5 if with_features else None,
+        standardize_inputs=standardize_inputs,
     )
     features = torch.randn(len(PERTURBATION_GENES), 5) if with_features else None
     module = PerturbedVAEModule(config, gene_features=features)
     with torch.no_grad():  # as if trained: a non-trivial DAG and interaction
         module.effects.causal.weight.normal_()
         module.effects.interaction.output.weight.normal_()
+    if standardize_inputs:
+        module.initialize_inputs_from_data(3.0 + 0.1 * torch.randn(20, 6))
     return PerturbedVAEHead(config, module, PERTURBATION_GENES, GENE_NAMES)
 
 
@@ -43,9 +46,10 @@ def predictions(model: PerturbedVAEHead) -> torch.Tensor:
     return model.module.predict(h, model.perturbation_matrix(CONDITIONS))
 
 
-@pytest.mark.parametrize("likelihood, with_features", [("gaussian", False), ("nb", False), ("gaussian", True)])
-def test_round_trip_gives_identical_predictions(tmp_path, likelihood, with_features):
-    model = build(likelihood, with_features)
+@pytest.mark.parametrize("likelihood, with_features, standardize_inputs",
+                         [("gaussian", False, False), ("nb", False, False), ("gaussian", True, False), ("gaussian", False, True)])
+def test_round_trip_gives_identical_predictions(tmp_path, likelihood, with_features, standardize_inputs):
+    model = build(likelihood, with_features, standardize_inputs)
     model.save_pretrained(tmp_path / "head")
     expected_files = {CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE} | ({GENE_FEATURES_FILE} if with_features else set())
     assert {path.name for path in (tmp_path / "head").iterdir()} == expected_files
@@ -55,6 +59,9 @@ def test_round_trip_gives_identical_predictions(tmp_path, likelihood, with_featu
     assert not loaded.module.training
     torch.testing.assert_close(predictions(loaded), predictions(model), rtol=0, atol=0)
     torch.testing.assert_close(loaded.module.mask_probabilities(), model.module.mask_probabilities(), rtol=0, atol=0)
+    if standardize_inputs:  # the training cells' scale travels with the weights
+        torch.testing.assert_close(loaded.module.input_mean, model.module.input_mean, rtol=0, atol=0)
+        assert loaded.module.input_mean.abs().min() > 2.0
 
 
 def test_perturbation_matrix_is_multi_hot_in_vocabulary_order():

@@ -157,6 +157,16 @@ def test_the_trainer_trains_the_module_it_is_given(datamodule, tmp_path: Path) -
     assert any(not torch.equal(before[name], value) for name, value in given.state_dict().items())
 
 
+def test_a_standardizing_head_starts_at_the_training_cells_scale(datamodule, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    for composition in ("latent_sum", "mechanism"):
+        model = {**config.model, "standardize_inputs": True, "composition": composition}
+        head = head_of(new_module(ExperimentConfig.from_dict({**config.to_dict(), "model": model}), datamodule))
+        h = datamodule.control_inputs(datamodule.train_cells)["h"]
+        torch.testing.assert_close(head.input_mean, h.mean(0))
+        torch.testing.assert_close(head.input_scale, h.std(0))
+
+
 def test_nan_loss_stops_with_the_step_and_cells_named(datamodule, tmp_path: Path) -> None:
     poisoned = PerturbationDataModule(datamodule.data, datamodule.split, datamodule.representation,
                                       datamodule.target, datamodule.library_size * np.nan,

@@ -19,6 +19,7 @@ from perturbedvae.data.embedding_cache import MANIFEST
 from perturbedvae.encoders import load_encoder
 from perturbedvae.encoders.lora import count_trainable
 from perturbedvae.encoders.rank_value import RankValueTransformerEncoder
+from perturbedvae.errors import ConfigError
 from perturbedvae.train.config import ExperimentConfig, load_config
 from perturbedvae.train.representation import CachedEmbeddings, EncoderWithHead, head_of
 from perturbedvae.train.runs import build_datamodule, load_data, load_or_make_split, load_run, new_module
@@ -121,6 +122,15 @@ def test_uncached_frozen_encoder_runs_in_the_step_with_nothing_trainable_in_it(d
     inputs = reference.prepare(data.adata[:8])
     with torch.no_grad():
         torch.testing.assert_close(module.embed_cells(inputs), reference.embed(inputs))
+
+
+def test_standardizing_the_embeddings_of_an_encoder_in_the_step_is_refused(data_path, checkpoint, tmp_path):
+    config = encoder_config(data_path, checkpoint, tmp_path, finetune="lora", lora_r=2, lora_alpha=4)
+    config = ExperimentConfig.from_dict({**config.to_dict(), "model": {**config.model, "standardize_inputs": True}})
+    data = load_data(config.data)
+    datamodule = build_datamodule(config, data, load_or_make_split(config.split, data))
+    with pytest.raises(ConfigError, match="inside the training step"):
+        new_module(config, datamodule)
 
 
 def test_lora_trains_adapters_and_head_while_base_weights_stay(data_path, checkpoint, tmp_path):

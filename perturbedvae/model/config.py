@@ -81,6 +81,15 @@ class PerturbedVAEConfig:
         curved_programs: "mechanism": give each latent node a quadratic gene program Q beside its linear
             one W, so a node's change is u W + u² Q (Q starts at 0). Simulator (4 seeds): MCC 0.788 -> 0.845,
             mask F1 0.605 -> 0.684.
+        standardize_inputs: Centre and scale each dimension of h by the training cells' mean and standard
+            deviation before the z_inv encoder (set by `initialize_inputs_from_data`, kept in the checkpoint).
+            Frozen encoder embeddings need it: the mean-pooled Geneformer-format embeddings of
+            `configs/norman_geneformer_frozen.yaml` vary across cells by 0.03-0.17 per dimension around
+            means of up to 2.4, so the encoder's first layer sees almost the same row for every cell.
+            Norman LODO (3 seeds): frozen embeddings condition probe 1.9x -> 1.3x chance, alignment p at
+            initialisation 0.084 -> 0.058, accuracy within noise (pearson_delta_de 0.940 -> 0.944, mse_de
+            0.0039 -> 0.0040); on PCA inputs (centred already) the probe fell to chance but
+            pearson_delta_de lost 0.006 (0.951 -> 0.945), so configs/norman_subset.yaml keeps it off.
         covariate_inputs: Condition the z_inv encoder and the decoder on each cell's covariate level
             (`data.covariate_keys`: cell line, stimulation), a one-hot appended to their inputs as scVI does
             with batch, so z_inv need not carry the level and the decoder can map one z_p to a different
@@ -118,6 +127,7 @@ class PerturbedVAEConfig:
     saturation: str = "genes"
     initial_rotation: str = "none"
     curved_programs: bool = False
+    standardize_inputs: bool = False
     covariate_inputs: bool = False
     n_covariate_levels: int = 0
 
@@ -126,7 +136,7 @@ class PerturbedVAEConfig:
             check_number(name, getattr(self, name), low=1, integer=True)
         if self.gene_feature_dim is not None:
             check_number("gene_feature_dim", self.gene_feature_dim, low=1, integer=True)
-        for name in ("causal_layer", "pairwise_interaction", "covariate_inputs", "curved_programs"):
+        for name in ("causal_layer", "pairwise_interaction", "covariate_inputs", "curved_programs", "standardize_inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _check_choice("likelihood", self.likelihood, tuple(LIKELIHOOD_HEADS))

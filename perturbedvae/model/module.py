@@ -40,6 +40,8 @@ from perturbedvae.model.mechanism import MechanismEffects
 from perturbedvae.model.rows import unique_rows
 
 _LOG_VARIANCE_RANGE = (-10.0, 10.0)
+_MIN_INPUT_SCALE = 1e-6
+"""Floor of `standardize_inputs`' per-dimension scale (a constant dimension then passes as 0, not NaN)."""
 
 
 @dataclass
@@ -88,6 +90,9 @@ class PerturbedVAEModule(nn.Module):
             raise ConfigError("model.covariate_inputs needs the covariate levels of the data: set data.covariate_keys "
                               "(the transfer task, perturbedvae transfer)")
         self.n_covariates = config.n_covariate_levels if config.covariate_inputs else 0
+        if config.standardize_inputs:  # identity until `initialize_inputs_from_data`
+            self.register_buffer("input_mean", torch.zeros(config.n_input))
+            self.register_buffer("input_scale", torch.ones(config.n_input))
         self.encoder = mlp(config.n_input + self.n_covariates, config.n_hidden, config.n_layers, config.dropout)
         self.qz_mean = nn.Linear(config.n_hidden, config.n_latent)
         self.qz_logvar = nn.Linear(config.n_hidden, config.n_latent)
@@ -111,6 +116,16 @@ class PerturbedVAEModule(nn.Module):
         _check_width("x", x, self.config.n_genes, "n_genes")
         self.likelihood_head.initialize_from_data(x.float())
 
+    @torch.no_grad()
+    def initialize_inputs_from_data(self, h: torch.Tensor) -> None:
+        """`standardize_inputs`: take the per-dimension mean and standard deviation of training cells' h [cells, n_input]."""
+        if not self.config.standardize_inputs:
+            raise ConfigError("initialize_inputs_from_data needs model.standardize_inputs: true")
+        _check_width("h", h, self.config.n_input, "n_input")
+        h = h.float()
+        self.input_mean.copy_(h.mean(dim=0))
+        self.input_scale.copy_(h.std(dim=0).clamp_min(_MIN_INPUT_SCALE))
+
     def with_covariates(self, inputs: torch.Tensor, covariates: torch.Tensor | None) -> torch.Tensor:
         """`inputs` [B, D] with the cells' one-hot covariate levels [B, n_covariate_levels] appended (scVI's
         batch conditioning); unchanged for a head without covariate inputs."""
@@ -124,6 +139,8 @@ class PerturbedVAEModule(nn.Module):
 
     def inference(self, h: torch.Tensor, covariates: torch.Tensor | None = None) -> InferenceOutput:
         """q(z_inv | h[, covariates]); samples z in training and returns the mean otherwise (deterministic evaluation)."""
+        if self.config.standardize_inputs:
+            h = (h - self.input_mean) / self.input_scale
         hidden = self.encoder(self.with_covariates(h, covariates))
         mean = self.qz_mean(hidden)
         logvar = self.qz_logvar(hidden).clamp(*_LOG_VARIANCE_RANGE)

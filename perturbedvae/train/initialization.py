@@ -1,7 +1,8 @@
 """Starting a head from the data it trains on, and finishing it with what was measured.
 
 Before the first step, decoder output biases start at the training targets' per-gene scale (the head's
-first steps then go into the perturbation path, not into learning means), and the "mechanism"
+first steps then go into the perturbation path, not into learning means), `model.standardize_inputs`
+takes the training cells' per-dimension scale of h, and the "mechanism"
 composition receives the measured single-gene changes it anchors its predictions on, from training
 cells only (held-out cells of `train.selection: held_out_cells` excluded: they select the epoch).
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from perturbedvae.data.conditions import CONTROL
+from perturbedvae.errors import ConfigError
 from perturbedvae.model import PerturbedVAEModule
 from perturbedvae.train.datamodule import PerturbationDataModule, dense_rows
 
@@ -26,16 +28,36 @@ _COUNT_PSEUDO = 0.1
 """Counts added (per mean library) before taking log ratios of normalized means on count data."""
 
 
-def initialize_head(module: PerturbedVAEModule, datamodule: PerturbationDataModule, seed: int) -> None:
-    """Set the decoder biases from training targets and, for the mechanism design, the single priors."""
-    rng = np.random.default_rng(seed)
+def initialization_cells(datamodule: PerturbationDataModule, seed: int) -> np.ndarray:
+    """The training cells (at most `MAX_INITIALIZATION_CELLS`, a seeded sample) that starting values are read from."""
     cells = datamodule.train_cells
     if len(cells) > MAX_INITIALIZATION_CELLS:
-        cells = np.sort(rng.choice(cells, MAX_INITIALIZATION_CELLS, replace=False))
+        cells = np.sort(np.random.default_rng(seed).choice(cells, MAX_INITIALIZATION_CELLS, replace=False))
+    return cells
+
+
+def initialize_head(module: PerturbedVAEModule, datamodule: PerturbationDataModule, seed: int) -> None:
+    """Set the decoder biases from training targets and, for the mechanism design, the single priors."""
+    cells = initialization_cells(datamodule, seed)
     module.initialize_from_data(torch.from_numpy(dense_rows(datamodule.target, cells)))
     if module.uses_mechanisms:
         changes, measured = single_changes(datamodule, module.config.likelihood)
         module.set_single_priors(torch.from_numpy(changes), torch.from_numpy(measured))
+
+
+def initialize_inputs(module: PerturbedVAEModule, datamodule: PerturbationDataModule, seed: int) -> None:
+    """`model.standardize_inputs`: the per-dimension mean and scale of the training cells' h.
+
+    Raises ConfigError for an encoder that runs inside the training step: a fine-tuned or LoRA encoder's
+    embeddings change as it trains, so a scale measured before the first step would not hold, and an
+    uncached frozen one has no embeddings at hand before the step.
+    """
+    inputs = datamodule.control_inputs(initialization_cells(datamodule, seed))
+    if "h" not in inputs:
+        raise ConfigError("model.standardize_inputs needs embeddings computed before training (PCA, a frozen "
+                          "encoder's cached embeddings); this encoder runs inside the training step (fine-tuned, LoRA or "
+                          "representation.cache_embeddings: false)")
+    module.initialize_inputs_from_data(inputs["h"])
 
 
 def single_changes(datamodule: PerturbationDataModule, likelihood: str, cells: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,7 @@ from perturbedvae.model import PerturbedVAEHead, PerturbedVAEModule
 from perturbedvae.predictions import Predictions
 from perturbedvae.train.config import DataConfig, ExperimentConfig, SplitConfig, load_config
 from perturbedvae.train.datamodule import PerturbationDataModule, hold_out_cells
-from perturbedvae.train.initialization import initialize_head
+from perturbedvae.train.initialization import initialize_head, initialize_inputs
 from perturbedvae.train.predict import predict_from_controls
 from perturbedvae.train.representation import ADAPTERS_DIR, PCA_FILE, attach_encoder, build_representation
 from perturbedvae.train.unseen_genes import with_gene_features
@@ -158,6 +158,8 @@ def new_module(config: ExperimentConfig, datamodule: PerturbationDataModule) -> 
     set_seed(config.train.seed)
     head = PerturbedVAEModule(head_config, gene_features=features)
     module = attach_encoder(datamodule.representation, head)
+    if head_config.standardize_inputs:
+        initialize_inputs(head, datamodule, config.train.seed)
     if head_config.composition == "mechanism":
         initialize_head(head, datamodule, config.train.seed)
     return module
