@@ -13,6 +13,9 @@ share the cores, wall time does. For PerturbedVAE the matmul FLOPs of one traini
 backward, `torch.utils.flop_counter`) times its cells per CPU-second is compared with the fp32 matmul
 FLOP per CPU-second this machine reaches in a microbenchmark at the same thread count.
 
+`--compile` adds the head with `train.compile: true` (torch.compile through Accelerate), timed over its
+epochs after the first, which compiles (`--epochs` 3 or more then).
+
 SCVI needs scvi-tools (`pip install perturbedvae[bench]`, best in a separate environment); without it the
 SCVI rows are skipped with a message. Writes `results.json` and `results.md` into `--out`.
 """
@@ -32,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "scale_synthetic.yaml"
 SIZES = {"n_hidden": 256, "n_latent": 32, "n_layers": 1, "batch_size": 512}
 """Architecture and batch of both tools (the head's side comes from `configs/scale_synthetic.yaml`, checked)."""
+COMPILED = "perturbedvae-compiled"
+"""The head with `train.compile: true`, timed over its epochs after the first (which compiles)."""
 MATMUL_SHAPES = ((512, 2000, 256), (2048, 2048, 2048))
 """(m, k, n) of the microbenchmark: the step's largest product at the default sizes, and a large square one."""
 
@@ -39,15 +44,20 @@ MATMUL_SHAPES = ((512, 2000, 256), (2048, 2048, 2048))
 # --- child processes: one measurement each ------------------------------------------------------------------
 
 
-def train_perturbedvae(data: Path, backed: bool, epochs: int, precision: str, run_dir: Path) -> dict:
-    """Train the head for `epochs` (no validation) and report its training throughput and step FLOPs."""
+def train_perturbedvae(data: Path, backed: bool, epochs: int, precision: str, run_dir: Path, compiled: bool = False) -> dict:
+    """Train the head for `epochs` (no validation) and report its training throughput and step FLOPs.
+
+    `compiled` (`train.compile`): the first epoch holds the compilation, so throughput counts the later
+    epochs and the first epoch's excess over their median is reported as `compile_seconds`.
+    """
     from perturbedvae.train.config import load_config
     from perturbedvae.train.representation import head_of
     from perturbedvae.train.runs import build_datamodule, load_data, load_or_make_split, new_module
     from perturbedvae.train.trainer import Trainer, TrainingArguments
 
     overrides = [f"data.path={data}", f"data.backed={str(backed).lower()}", f"train.epochs={epochs}",
-                 f"train.mixed_precision='{precision}'", f"output.run_dir={run_dir}", "output.overwrite=true"]
+                 f"train.mixed_precision='{precision}'", f"output.run_dir={run_dir}", "output.overwrite=true",
+                 f"train.compile={str(compiled).lower()}"]
     config = load_config(CONFIG, overrides)
     _check_sizes(config)
     data_ = load_data(config.data)
@@ -55,9 +65,15 @@ def train_perturbedvae(data: Path, backed: bool, epochs: int, precision: str, ru
     module = new_module(config, datamodule)
     trainer = Trainer(module, TrainingArguments.for_head(config.train, head_of(module)), datamodule, run_dir)
     info = trainer.fit().run_info
-    cells = info["train_cells_per_second"] * info["train_seconds"]
-    return {"cells": cells, "seconds": info["train_seconds"], "cpu_seconds": info["train_cpu_seconds"],
-            "threads": info["torch_threads"], "flops_per_cell": step_flops(config, datamodule) / SIZES["batch_size"]}
+    seconds, cpu_seconds = info["train_seconds_per_epoch"], info["train_cpu_seconds_per_epoch"]
+    cells_per_epoch = info["train_cells_per_second"] * info["train_seconds"] / len(seconds)
+    result = {"threads": info["torch_threads"], "flops_per_cell": step_flops(config, datamodule) / SIZES["batch_size"]}
+    if compiled:
+        if len(seconds) < 2:
+            raise SystemExit("--compile needs --epochs 2 or more: the first epoch compiles")
+        result["compile_seconds"] = seconds[0] - statistics.median(seconds[1:])
+        seconds, cpu_seconds = seconds[1:], cpu_seconds[1:]
+    return {"cells": cells_per_epoch * len(seconds), "seconds": sum(seconds), "cpu_seconds": sum(cpu_seconds), **result}
 
 
 def _check_sizes(config) -> None:
@@ -144,7 +160,7 @@ def run_child(args: argparse.Namespace) -> dict:
     backed = args.mode == "backed"
     if args.child == "scvi":
         return train_scvi(args.file, backed, args.epochs)
-    return train_perturbedvae(args.file, backed, args.epochs, args.precision, args.out / "run")
+    return train_perturbedvae(args.file, backed, args.epochs, args.precision, args.out / "run", args.child == COMPILED)
 
 
 # --- parent: alternate runs, summarise ------------------------------------------------------------------------
@@ -171,6 +187,8 @@ def summarize(runs: list[dict]) -> dict:
                "runs": runs}
     if "flops_per_cell" in runs[0]:
         summary["flops_per_cpu_second"] = summary["cells_per_cpu_second"] * runs[0]["flops_per_cell"]
+    if "compile_seconds" in runs[0]:
+        summary["compile_seconds"] = statistics.median(run["compile_seconds"] for run in runs)
     return summary
 
 
@@ -187,7 +205,8 @@ def markdown_table(results: dict) -> str:
         ratio = f"{row['vs_scvi']:.2f}×" if row.get("vs_scvi") else "–"
         flops = row.get("flops_per_cpu_second")
         flop_text = f"{flops / 1e9:.1f} | {flops / peak:.0%}" if flops else "– | –"
-        lines.append(f"| {row['mode']} | {row['tool']} | {row['precision']} | {row['cells_per_second']:,.0f} | "
+        tool = row["tool"] + (f" (first epoch +{row['compile_seconds']:.0f} s compiling)" if "compile_seconds" in row else "")
+        lines.append(f"| {row['mode']} | {tool} | {row['precision']} | {row['cells_per_second']:,.0f} | "
                      f"{row['cells_per_cpu_second']:,.0f} | {ratio} | {flop_text} |")
     return "\n".join(lines) + "\n"
 
@@ -205,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scvi-python", default=sys.executable, help="python of an environment with scvi-tools")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_speed"))
     parser.add_argument("--file", type=Path, help="count file to reuse (written when missing)")
-    parser.add_argument("--child", choices=("perturbedvae", "scvi", "matmul"), help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="also time the head with train.compile (torch.compile)")
+    parser.add_argument("--child", choices=("perturbedvae", COMPILED, "scvi", "matmul"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("memory", "backed"), default="memory", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="no", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -225,14 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         runs: dict[tuple[str, str], list[dict]] = {}
         for repeat in range(args.repeats):
-            for tool, precision in [("scvi", "no"), *[("perturbedvae", precision) for precision in args.precisions]]:
+            heads = ["perturbedvae", *([COMPILED] if args.compile else [])]
+            for tool, precision in [("scvi", "no"), *[(head, precision) for head in heads for precision in args.precisions]]:
                 result = measure(args, tool, mode, precision, args.scvi_python if tool == "scvi" else None)
                 runs.setdefault((tool, precision), []).append(result)
                 print(f"{mode:<7} {tool:<13} {precision:<5} repeat {repeat + 1}: {json.dumps(result)}", flush=True)
         scvi = summarize(runs[("scvi", "no")])
         for (tool, precision), tool_runs in runs.items():
             row = {"mode": mode, "tool": tool, "precision": precision, **summarize(tool_runs)}
-            if tool == "perturbedvae" and "skipped" not in scvi and "skipped" not in row:
+            if tool != "scvi" and "skipped" not in scvi and "skipped" not in row:
                 row["vs_scvi"] = row["cells_per_cpu_second"] / scvi["cells_per_cpu_second"]
             rows.append(row)
     peak = max(shape["flops_per_cpu_second"] for shape in matmul["shapes"].values())

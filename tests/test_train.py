@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
@@ -213,6 +214,26 @@ def test_early_stopping_keeps_the_best_weights(datamodule, tmp_path: Path) -> No
     assert [record["kl_weight"] for record in log] == [0.0, 0.5, 1.0]
 
 
+def test_a_compiled_step_trains_the_same_head_and_returns_it_plain(datamodule, tmp_path: Path) -> None:
+    """`train.compile` / `accelerate launch --dynamo_backend`: `prepare` wraps the module in torch.compile, whose
+    state-dict keys carry `_orig_mod.`; the kept weights must load into the plain head. Dynamo's "eager"
+    backend traces the step as inductor would but runs it without generating code (seconds, not a minute)."""
+    config = tiny_config(tmp_path, epochs=2)
+
+    def improving(module: torch.nn.Module, scores=iter([0.1, 0.2, 0.1, 0.2])) -> dict[str, float]:
+        return {"pearson_delta_de": next(scores)}  # each run keeps its last epoch, through `best_state`
+
+    plain = trainer_for(config, datamodule, tmp_path / "plain", validator=improving).fit()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    compiled = trainer_for(config, datamodule, tmp_path / "compiled", validator=improving,
+                           accelerator=Accelerator(dynamo_backend="eager")).fit()
+    assert compiled.run_info["dynamo_backend"] == "eager" and plain.run_info["dynamo_backend"] == "no"
+    assert compiled.progress.best_epoch == 2 and compiled.progress.best_state.keys() == plain.module.state_dict().keys()
+    assert len(compiled.run_info["train_cpu_seconds_per_epoch"]) == 2
+    for name, value in plain.module.state_dict().items():
+        torch.testing.assert_close(compiled.module.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_and_gradient_accumulation_train(datamodule, tmp_path: Path) -> None:
     config = tiny_config(tmp_path, epochs=1, mixed_precision="bf16", gradient_accumulation_steps=2)
     result = trainer_for(config, datamodule, tmp_path).fit()
@@ -372,6 +393,15 @@ def test_fsdp_without_a_gpu_is_refused_with_the_cpu_alternative(monkeypatch) -> 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="cpu_2proc.yaml"):
         make_accelerator(TrainConfig())
+
+
+def test_train_compile_asks_accelerate_for_inductor_and_otherwise_leaves_the_launchers_choice(monkeypatch) -> None:
+    from accelerate.utils import DynamoBackend
+
+    assert make_accelerator(TrainConfig(compile=True)).state.dynamo_plugin.backend == DynamoBackend.INDUCTOR
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")  # what `accelerate launch --dynamo_backend eager` sets
+    assert make_accelerator(TrainConfig()).state.dynamo_plugin.backend == DynamoBackend.EAGER
 
 
 def test_cpu_threads_are_the_idle_usable_cores_shared_among_local_processes() -> None:

@@ -210,6 +210,11 @@ class TrainConfig:
             rows (see `EpochShuffleSampler`).
         prefetch_batches: Batches a background thread collates ahead while the step runs (0: none;
             `datamodule.prefetched`); the batches and results are the same either way.
+        compile: Compile the training step with `torch.compile` (inductor) through Accelerate's dynamo
+            plugin, as `accelerate launch --dynamo_backend inductor` does (false leaves the launcher's
+            choice). The first step pays the compilation (about a minute on a CPU core) and a batch of a
+            new shape one recompilation; it pays off on long runs of a large head: see the README's
+            "Speed" section for the measured step time.
     """
 
     epochs: int = 20
@@ -230,6 +235,7 @@ class TrainConfig:
     held_out_fraction: float = 0.1
     shuffle_block: int = 1
     prefetch_batches: int = 0
+    compile: bool = False
 
 
 @dataclass

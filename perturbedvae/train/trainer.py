@@ -30,7 +30,7 @@ from typing import Any
 import accelerate
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list, is_compiled_module
 from tqdm.auto import tqdm
 
 from perturbedvae import __version__ as perturbedvae_version
@@ -144,6 +144,7 @@ def make_accelerator(settings: TrainConfig) -> Accelerator:
     return Accelerator(
         cpu=launched_on_cpu,
         mixed_precision=settings.mixed_precision,
+        dynamo_backend="inductor" if settings.compile else None,  # None: the launcher's --dynamo_backend
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
@@ -259,14 +260,16 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
 
-        started, train_seconds, train_cpu_seconds, cells_seen = time.perf_counter(), 0.0, 0.0, 0
+        started, cells_seen = time.perf_counter(), 0
+        epoch_seconds: list[float] = []  # the training part of each epoch (no validation), wall and this process's CPU
+        epoch_cpu_seconds: list[float] = []
         for epoch in range(progress.epochs_done, settings.epochs):
             if progress.stopped_early:
                 break
             epoch_start, epoch_cpu_start = time.perf_counter(), time.process_time()
             losses, n_cells = self._train_epoch(module, optimizer, loader, epoch, progress)
-            train_seconds += time.perf_counter() - epoch_start
-            train_cpu_seconds += time.process_time() - epoch_cpu_start
+            epoch_seconds.append(time.perf_counter() - epoch_start)
+            epoch_cpu_seconds.append(time.process_time() - epoch_cpu_start)
             cells_seen += n_cells
             progress.epochs_done = epoch + 1
             record = {"epoch": epoch + 1, "step": progress.global_step, **losses}
@@ -278,9 +281,12 @@ class Trainer:
                 save_checkpoint(accelerator, self.run_dir, progress.epochs_done)
 
         head = self._final_head(final, module, progress)
-        run_info = self._run_info(progress, cells_seen, train_seconds, time.perf_counter() - started)
+        train_cpu_seconds = sum(epoch_cpu_seconds)
+        run_info = self._run_info(progress, cells_seen, sum(epoch_seconds), time.perf_counter() - started)
         # This process's CPU time (all its threads): unlike wall time, barely moved by other jobs on the cores.
         run_info["train_cpu_seconds"] = train_cpu_seconds
+        # Per epoch this call trained, its training part only (a compiled run's first epoch holds the compilation).
+        run_info["train_seconds_per_epoch"], run_info["train_cpu_seconds_per_epoch"] = epoch_seconds, epoch_cpu_seconds
         per_process = cells_seen / accelerator.num_processes
         run_info["train_cells_per_cpu_second"] = per_process / train_cpu_seconds if train_cpu_seconds > 0 else None
         run_info["trainable_parameters"] = sum(parameter.numel() for parameter in trainable)
@@ -313,6 +319,8 @@ class Trainer:
             self.calibrate(head_of(module))
 
     def _full_state(self, module) -> dict[str, torch.Tensor]:
+        if is_compiled_module(module):  # `prepare` compiles last, around DDP / FSDP: their keys, not `_orig_mod.`
+            module = module._orig_mod
         state = self.accelerator.get_state_dict(module)
         return {key: value.detach().cpu().clone() for key, value in state.items()}
 
@@ -425,6 +433,7 @@ class Trainer:
             "device": str(self.accelerator.device),
             "torch_threads": torch.get_num_threads(),
             "mixed_precision": self.accelerator.mixed_precision,
+            "dynamo_backend": str(state.dynamo_plugin.backend.value).lower(),
             "gradient_accumulation_steps": self.settings.gradient_accumulation_steps,
             "seed": self.settings.seed,
             "epochs_done": progress.epochs_done,
