@@ -14,7 +14,7 @@ backward, `torch.utils.flop_counter`) times its cells per CPU-second is compared
 FLOP per CPU-second this machine reaches in a microbenchmark at the same thread count.
 
 `--compile` adds the head with `train.compile: true` (torch.compile through Accelerate), timed over its
-epochs after the first, which compiles (`--epochs` 3 or more then).
+epochs after the first, which compiles (`--epochs` 2 or more).
 
 SCVI needs scvi-tools (`pip install perturbedvae[bench]`, best in a separate environment); without it the
 SCVI rows are skipped with a message. Writes `results.json` and `results.md` into `--out`.

@@ -212,9 +212,9 @@ class TrainConfig:
             `datamodule.prefetched`); the batches and results are the same either way.
         compile: Compile the training step with `torch.compile` (inductor) through Accelerate's dynamo
             plugin, as `accelerate launch --dynamo_backend inductor` does (false leaves the launcher's
-            choice). The first step pays the compilation (about a minute on a CPU core) and a batch of a
-            new shape one recompilation; it pays off on long runs of a large head: see the README's
-            "Speed" section for the measured step time.
+            choice). The first epoch pays the compilation (46-139 s measured on a CPU core) and a batch of
+            a new shape a recompilation; on CPU the compiled step was at most a few percent faster (README,
+            "Speed"), so it is off by default.
     """
 
     epochs: int = 20
