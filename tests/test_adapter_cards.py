@@ -66,7 +66,7 @@ def test_card_vocab_dir_is_relative_to_the_card_file(tmp_path, monkeypatch):
         ({"kind": "expression", "colour": "red"}, "unknown key.*colour"),
         ({"kind": "expression", "n_components": "ten"}, "n_components must be an integer"),
         ({"kind": "expression", "max_length": 0}, "positive integer"),
-        ({"kind": "expression", "pooling": "max"}, "pooling must be one of"),
+        ({"kind": "expression", "pooling": "sum"}, "pooling must be one of"),
         ({"kind": "expression", "min_gene_coverage": 1.5}, "fraction between 0 and 1"),
         ({"kind": "expression", "lora_target_modules": "query"}, "list of module names"),
         ({"kind": "expression", "class": "no_colon"}, "package.module:ClassName"),

@@ -141,6 +141,31 @@ def test_embeddings_ignore_padding_and_read_the_chosen_layer(v1_encoder, norman_
     assert not torch.allclose(manual, (states[-1] * mask).sum(1) / mask.sum(1))
 
 
+def test_max_pooling_overrides_the_card_and_takes_each_dimensions_largest_gene_token(tiny_checkpoint, v1_encoder, norman_data):
+    encoder = load_encoder(V1_CARD, tiny_checkpoint, vocab_dir=VOCAB_DIR, pooling="max")
+    assert encoder.card.pooling == "max" and encoder.fingerprint != v1_encoder.fingerprint  # never the mean's cache entry
+    batch = encoder.prepare(norman_data.adata[:6])
+    with torch.no_grad():
+        pooled = encoder.embed(batch)
+        states = encoder.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[-2]
+    for row in range(6):  # padding excluded, though its outputs may be larger
+        genes = batch["gene_mask"][row].bool()
+        torch.testing.assert_close(pooled[row], states[row, genes].amax(0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pooled, v1_encoder.embed(batch).detach())
+    with pytest.raises(ConfigError, match="pooling must be one of"):
+        load_encoder(V1_CARD, tiny_checkpoint, vocab_dir=VOCAB_DIR, pooling="sum")
+
+
+def test_max_pooling_of_a_cell_without_gene_tokens_is_zero():
+    from perturbedvae.encoders.rank_value import pool_tokens
+
+    hidden = torch.randn(2, 3, 4) - 5.0
+    gene_mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    pooled = pool_tokens(hidden, gene_mask, "max")
+    torch.testing.assert_close(pooled[0], hidden[0, :2].amax(0))
+    assert torch.equal(pooled[1], torch.zeros(4))
+
+
 def test_gene_embeddings_are_input_token_rows(v1_encoder):
     rows = v1_encoder.gene_embeddings(["KLF1", "NOT_A_GENE"])
     tokens = load_pickle_dictionary(VOCAB_DIR / "geneformer_v1/token_dictionary_gc30M.pkl")

@@ -124,6 +124,18 @@ def test_uncached_frozen_encoder_runs_in_the_step_with_nothing_trainable_in_it(d
         torch.testing.assert_close(module.embed_cells(inputs), reference.embed(inputs))
 
 
+def test_the_experiments_pooling_reaches_the_cached_embeddings(data_path, checkpoint, tmp_path):
+    config = encoder_config(data_path, checkpoint, tmp_path, pooling="max", cache_dir=str(tmp_path / "cache"))
+    data = load_data(config.data)
+    representation = build_datamodule(config, data, load_or_make_split(config.split, data)).representation
+    assert representation.encoder.card.pooling == "max"
+    reference = load_encoder(CARD, checkpoint, vocab_dir=VOCAB_DIR, pooling="max")
+    rows = np.array([0, 7, 30])
+    with torch.no_grad():
+        expected = reference.embed(reference.prepare(data.adata[rows])).numpy()
+    np.testing.assert_allclose(representation.matrix[rows], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_standardizing_the_embeddings_of_an_encoder_in_the_step_is_refused(data_path, checkpoint, tmp_path):
     config = encoder_config(data_path, checkpoint, tmp_path, finetune="lora", lora_r=2, lora_alpha=4)
     config = ExperimentConfig.from_dict({**config.to_dict(), "model": {**config.model, "standardize_inputs": True}})

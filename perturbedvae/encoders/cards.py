@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from perturbedvae.yaml_files import read_yaml_mapping
 
 VOCAB_DIR_ENV = "PERTURBEDVAE_VOCAB_DIR"
 DEFAULT_VOCAB_DIR = Path("../shared/vocab")
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "max")
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,14 @@ class AdapterCard:
                 f"directory with vocab_dir in the card or the {VOCAB_DIR_ENV} environment variable"
             )
         return path
+
+
+def with_pooling(card: AdapterCard, pooling: str) -> AdapterCard:
+    """`card` with another pooling (an experiment's `representation.pooling`); the raw card records it, so
+    embeddings of different poolings never share a cache entry."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"{card.name}: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    return replace(card, pooling=pooling, raw={**card.raw, "pooling": pooling})
 
 
 def load_card(card: str | Path | Mapping[str, Any], vocab_dir: str | Path | None = None) -> AdapterCard:

@@ -163,9 +163,13 @@ def layers_reaching(layer: int, n_layers: int) -> list[int] | None:
 
 
 def pool_tokens(hidden: torch.Tensor, gene_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Cell embedding from token outputs: mean over gene tokens (specials and padding excluded) or the first token."""
+    """Cell embedding from token outputs: mean or per-dimension maximum over gene tokens (specials and padding
+    excluded), or the first token."""
     if pooling == "cls":
         return hidden[:, 0]
+    if pooling == "max":  # a cell without gene tokens pools to 0, as with the mean
+        genes = gene_mask.bool().unsqueeze(-1)
+        return hidden.masked_fill(~genes, float("-inf")).amax(1).where(genes.any(1), hidden.new_zeros(()))
     weights = gene_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 

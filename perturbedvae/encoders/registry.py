@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from perturbedvae.encoders.base import CellEncoder
-from perturbedvae.encoders.cards import AdapterCard, load_card
+from perturbedvae.encoders.cards import AdapterCard, load_card, with_pooling
 from perturbedvae.errors import CheckpointError, ConfigError
 from perturbedvae.files import file_digest
 
@@ -35,6 +35,7 @@ def load_encoder(
     checkpoint: str | Path | None = None,
     *,
     vocab_dir: str | Path | None = None,
+    pooling: str | None = None,
 ) -> CellEncoder:
     """Build the encoder an adapter card describes.
 
@@ -42,12 +43,15 @@ def load_encoder(
         card: Path of a YAML card (e.g. `adapters/geneformer-v1.yaml`) or the card as a mapping.
         checkpoint: Model directory; overrides the card's `checkpoint`. Needed by geneformer, scgpt, huggingface.
         vocab_dir: Vocabulary directory; overrides `PERTURBEDVAE_VOCAB_DIR` and the card.
+        pooling: Overrides the card's pooling (`mean`, `cls`, `max`); it joins the card in the fingerprint.
 
     Raises:
         ConfigError: invalid card, or a `class:` that cannot be imported or does not implement CellEncoder.
         CheckpointError: missing or unreadable checkpoint.
     """
     adapter = load_card(card, vocab_dir)
+    if pooling is not None:
+        adapter = with_pooling(adapter, pooling)
     directory = _checkpoint_dir(adapter, checkpoint)
     if adapter.encoder_class:
         encoder = _user_encoder(adapter, directory)

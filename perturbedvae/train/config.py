@@ -133,6 +133,8 @@ class RepresentationConfig:
         adapter: Adapter card of the encoder (kind encoder), e.g. adapters/geneformer-v1.yaml.
         checkpoint: Encoder weights directory (default: the card's).
         vocab_dir: Vocabulary directory (default: the card's rules, then `../shared/vocab`).
+        pooling: How token outputs become a cell embedding, overriding the card's: `mean` (over gene
+            tokens), `cls` (the first token) or `max` (per dimension over gene tokens); null: the card's.
         finetune: `frozen` (embeddings cached once) or `lora` (adapters trained with the head).
         cache_dir: Embedding cache of frozen encoders (default ~/.cache/perturbedvae/embeddings).
         cache_embeddings: Read frozen embeddings from the cache (false: run the backbone in every step).
@@ -148,6 +150,7 @@ class RepresentationConfig:
     adapter: str | None = None
     checkpoint: str | None = None
     vocab_dir: str | None = None
+    pooling: Literal["mean", "cls", "max"] | None = None
     finetune: Literal["frozen", "lora"] = "frozen"
     cache_dir: str | None = None
     cache_embeddings: bool = True

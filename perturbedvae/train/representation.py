@@ -154,7 +154,7 @@ def _encoder_representation(config: RepresentationConfig, data: PerturbationData
     An `expression` card is the expression representation: its PCA is fitted here on the training cells,
     never by the card's encoder on every cell (held-out conditions would shape the inputs).
     """
-    encoder = load_encoder(config.adapter, config.checkpoint, vocab_dir=config.vocab_dir)
+    encoder = load_encoder(config.adapter, config.checkpoint, vocab_dir=config.vocab_dir, pooling=config.pooling)
     if isinstance(encoder, ExpressionEncoder):
         return _expression_representation(data, train_cells, encoder.pca_components, run_dir)
     check_encoder_coverage(encoder, data)
