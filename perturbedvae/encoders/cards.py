@@ -111,9 +111,13 @@ class AdapterCard:
 def with_pooling(card: AdapterCard, pooling: str) -> AdapterCard:
     """`card` with another pooling (an experiment's `representation.pooling`); the raw card records it, so
     embeddings of different poolings never share a cache entry."""
-    if pooling not in POOLINGS:
-        raise ConfigError(f"{card.name}: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    _check_pooling(pooling, card.name)
     return replace(card, pooling=pooling, raw={**card.raw, "pooling": pooling})
+
+
+def _check_pooling(pooling: str, label: str) -> None:
+    if pooling not in POOLINGS:
+        raise ConfigError(f"{label}: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
 
 
 def load_card(card: str | Path | Mapping[str, Any], vocab_dir: str | Path | None = None) -> AdapterCard:
@@ -145,8 +149,7 @@ def load_card(card: str | Path | Mapping[str, Any], vocab_dir: str | Path | None
     if tokenization != schema.tokenization:
         raise ConfigError(f"{label}: kind {kind!r} uses tokenization {schema.tokenization!r}, got {tokenization!r}")
     pooling = _typed(raw, "pooling", str, label) or "mean"
-    if pooling not in POOLINGS:
-        raise ConfigError(f"{label}: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    _check_pooling(pooling, label)
     directory = _vocab_dir(raw, source, vocab_dir)
     return AdapterCard(
         kind=kind,
