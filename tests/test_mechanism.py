@@ -8,9 +8,9 @@ import torch
 
 from perturbedvae.errors import ConfigError
 from perturbedvae.evaluate.invariance import alignment_null, condition_probe
-from perturbedvae.model import PerturbedVAEHead, PerturbedVAEModule
+from perturbedvae.model import PerturbedVAEConfig, PerturbedVAEHead, PerturbedVAEModule
 from perturbedvae.model.alignment import condition_alignment_penalty
-from perturbedvae.model.mechanism import MechanismEffects, varimax_rotation
+from perturbedvae.model.mechanism import MechanismEffects, MechanismEnsemble, varimax_rotation
 from tests.test_model import N_GENES, N_PERTURBATIONS, multi_hot, synthetic_batch, tiny_config
 
 
@@ -196,6 +196,66 @@ def test_singles_misfit_is_weighted_by_the_likelihoods_curvature(likelihood):
         expected = -output.cell_log_prob(batch["x"]).mean() + squared / (2 * len(batch["x"]))
     assert squared > 1.0  # the misfit is a real part of the term
     torch.testing.assert_close(parts["reconstruction"], expected, rtol=1e-5, atol=1e-5)
+
+
+def _members_as_single_heads(ensemble: PerturbedVAEModule) -> list[PerturbedVAEModule]:
+    """One single-member head per ensemble member: the ensemble's shared weights plus that member's mechanism."""
+    heads = []
+    for member in ensemble.effects.members:
+        head = PerturbedVAEModule(PerturbedVAEConfig(**{**ensemble.config.to_dict(), "effect_members": 1})).eval()
+        shared = {key: value for key, value in ensemble.state_dict().items() if not key.startswith("effects.")}
+        head.load_state_dict({**shared, **{f"effects.{key}": value for key, value in member.state_dict().items()}})
+        heads.append(head)
+    return heads
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "nb"])
+def test_effect_members_are_separate_fits_whose_mean_change_predicts(likelihood):
+    """The loss is the mean of each member's own loss (not the loss of their mean), and a prediction uses their mean change."""
+    torch.manual_seed(4)
+    batch = synthetic_batch(likelihood)
+    controls = batch["perturbations"].sum(1) == 0
+    batch = {**batch, "control_h": batch["h"][controls][:8], "control_x": batch["x"][controls][:8]}
+    ensemble = PerturbedVAEModule(mechanism_config(likelihood=likelihood, effect_members=3)).eval()
+    assert isinstance(ensemble.effects, MechanismEnsemble) and len(ensemble.effects.members) == 3
+    ensemble.set_single_priors(torch.randn(N_PERTURBATIONS, N_GENES), torch.tensor([True, True, True, False]))
+    members = ensemble.effects.members
+    assert not torch.equal(members[0].effect_table, members[1].effect_table)  # each starts with its own noise
+    with torch.no_grad():
+        for index, member in enumerate(members):  # members far apart, so a mix-up shows
+            member.programs.mul_(1.0 + index)
+            member.raw_kappa.add_(float(index))
+    heads = _members_as_single_heads(ensemble)
+    parts = ensemble(batch).parts
+    for name in ("reconstruction", "counterfactual", "sparsity", "dag"):
+        torch.testing.assert_close(parts[name], torch.stack([head(batch).parts[name] for head in heads]).mean(), rtol=1e-5, atol=1e-6)
+    rows = multi_hot((0, 1), (3,), (0, 2))
+    changes = [head.effects.predicted_change(rows) for head in heads]
+    assert (changes[0] - changes[2]).abs().max() > 0.1
+    torch.testing.assert_close(ensemble.effects.predicted_change(rows), torch.stack(changes).mean(0))
+    h = batch["h"][:3]
+    if likelihood == "gaussian":  # the change is an offset of the mean: the prediction is the members' mean prediction
+        torch.testing.assert_close(ensemble.predict(h, rows), torch.stack([head.predict(h, rows) for head in heads]).mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ensemble.mask_probabilities(), heads[0].mask_probabilities())  # views are member 0's
+
+
+def test_effect_members_save_and_load_and_one_member_keeps_the_old_keys(tmp_path):
+    torch.manual_seed(5)
+    assert "effects.effect_table" in PerturbedVAEModule(mechanism_config()).state_dict()
+    module = PerturbedVAEModule(mechanism_config(effect_members=2)).eval()
+    assert {"effects.members.0.effect_table", "effects.members.1.effect_table"} <= set(module.state_dict())
+    module.set_single_priors(torch.randn(N_PERTURBATIONS, N_GENES), torch.ones(N_PERTURBATIONS, dtype=torch.bool))
+    PerturbedVAEHead(module.config, module, [f"P{i}" for i in range(N_PERTURBATIONS)], [f"G{i}" for i in range(N_GENES)]).save_pretrained(tmp_path)
+    loaded = PerturbedVAEHead.from_pretrained(tmp_path).module
+    h, rows = synthetic_batch("gaussian")["h"][:2], multi_hot((0, 1), (2,))
+    torch.testing.assert_close(loaded.predict(h, rows), module.predict(h, rows))
+
+
+def test_effect_members_need_the_mechanism_composition():
+    with pytest.raises(ConfigError, match="effect_members > 1 needs composition mechanism"):
+        tiny_config(effect_members=2)
+    with pytest.raises(ConfigError, match="effect_members"):
+        mechanism_config(effect_members=0)
 
 
 def test_reference_controls_enter_the_counterfactual_and_alignment_as_their_own_encoding_and_decoding():

@@ -32,6 +32,7 @@ from perturbedvae.train.datamodule import (
     perturbation_vocabulary,
     prefetched,
 )
+from perturbedvae.train.initialization import finalize_head
 from perturbedvae.train.representation import build_representation, head_of
 from perturbedvae.train.runs import new_module
 from perturbedvae.train.trainer import (
@@ -166,6 +167,23 @@ def test_a_standardizing_head_starts_at_the_training_cells_scale(datamodule, tmp
         h = datamodule.control_inputs(datamodule.train_cells)["h"]
         torch.testing.assert_close(head.input_mean, h.mean(0))
         torch.testing.assert_close(head.input_scale, h.std(0))
+
+
+def test_every_effect_member_starts_at_the_singles_trains_and_takes_the_final_anchors(datamodule, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, epochs=2)
+    model = {**config.model, "composition": "mechanism", "effect_members": 2}
+    config = ExperimentConfig.from_dict({**config.to_dict(), "model": model})
+    module = new_module(config, datamodule)
+    members = head_of(module).effects.members
+    started = [member.effect_table.detach().clone() for member in members]
+    assert all(member.has_prior.any() for member in members)
+    torch.testing.assert_close(started[0], started[1], atol=0.1, rtol=0.0)  # the same SVD start ...
+    assert not torch.equal(started[0], started[1])  # ... with each member's own noise
+    head = head_of(Trainer(module, TrainingArguments.for_head(config.train, head_of(module)), datamodule, tmp_path).fit().module)
+    finalize_head(head, datamodule)
+    trained = head.effects.members
+    assert all(not torch.equal(before, member.effect_table) for before, member in zip(started, trained))
+    torch.testing.assert_close(trained[0].single_prior, trained[1].single_prior)
 
 
 def test_nan_loss_stops_with_the_step_and_cells_named(datamodule, tmp_path: Path) -> None:

@@ -210,9 +210,16 @@ class GaussianHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, library_size: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> GaussianOutput:
         """`library_size` is ignored: log-normalized data carry no library size. `offset` adds to the mean."""
-        log_variance = self.clamped_log_variance().expand(hidden.shape[0], -1)
-        mean = self.mean(hidden)
-        return GaussianOutput(mean=mean if offset is None else mean + offset, log_variance=log_variance)
+        return self.with_offset(self.base(hidden), library_size, offset)
+
+    def base(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, genes] the output layer's result: the mean before any offset."""
+        return self.mean(hidden)
+
+    def with_offset(self, base: torch.Tensor, library_size: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> GaussianOutput:
+        """The output from the layer's result `base` [B, genes] (the mean), so several offsets share one layer pass."""
+        log_variance = self.clamped_log_variance().expand(base.shape[0], -1)
+        return GaussianOutput(mean=base if offset is None else base + offset, log_variance=log_variance)
 
 
 class NegativeBinomialHead(nn.Module):
@@ -234,12 +241,19 @@ class NegativeBinomialHead(nn.Module):
 
         `offset` adds to the rate logits (a change of log expression).
         """
+        return self.with_offset(self.base(hidden), library_size, offset)
+
+    def base(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, genes] the output layer's result: the rate logits before any offset."""
+        return self.rate_logits(hidden)
+
+    def with_offset(self, base: torch.Tensor, library_size: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> NegativeBinomialOutput:
+        """The output from the layer's result `base` [B, genes] (rate logits), so several offsets share one layer pass."""
         if library_size is None:
-            library_size = hidden.new_full((hidden.shape[0],), NORMALIZATION_TARGET)
-        logits = self.rate_logits(hidden)
+            library_size = base.new_full((base.shape[0],), NORMALIZATION_TARGET)
         return NegativeBinomialOutput(
-            normalized_rate=torch.softmax(logits if offset is None else logits + offset, dim=-1),
-            library_size=library_size.to(hidden.dtype),
+            normalized_rate=torch.softmax(base if offset is None else base + offset, dim=-1),
+            library_size=library_size.to(base.dtype),
             inverse_dispersion=torch.exp(self.log_inverse_dispersion),
         )
 

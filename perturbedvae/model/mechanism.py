@@ -202,6 +202,14 @@ class MechanismEffects(nn.Module):
             condition_n_genes=change.new_zeros(1),
         )
 
+    def member_outputs(self, perturbations: torch.Tensor, deterministic: bool) -> list[MechanismOutput]:
+        """The outputs the loss fits, one per member (`MechanismEnsemble`); here the one model's."""
+        return [self(perturbations, deterministic)]
+
+    def predicted_change(self, perturbations: torch.Tensor) -> torch.Tensor:
+        """[B, genes] the change predictions use (deterministic masks) for multi-hot rows [B, P]."""
+        return self.prediction(self(perturbations, deterministic=True))
+
     def prediction(self, output: MechanismOutput) -> torch.Tensor:
         """[B, genes] the change used for predictions: anchored where every gene has a measured single, else modelled."""
         return self.condition_prediction(output)[output.condition]
@@ -224,6 +232,58 @@ class MechanismEffects(nn.Module):
 
     def dag_penalty(self) -> torch.Tensor:
         return self.adjacency().abs().sum()
+
+
+class MechanismEnsemble(nn.Module):
+    """`config.effect_members` independent `MechanismEffects`; predictions take the members' mean change.
+
+    Each member is a whole mechanism model (effects, masks, graph, programs, saturation) started at the
+    same SVD fit with its own noise and trained on its own loss terms (the module averages them), so the
+    members are separate fits of the data, not one wider model, and the mean of their departures from
+    additivity on an unseen combination is an ensemble's: what the fits agree on stays, the part that
+    depends on where one fit placed the singles in its nodes shrinks. The views (masks, effects, graph,
+    programs) are member 0's, a complete model whose nodes the identifiability checks can match.
+    """
+
+    uses_features = False
+
+    def __init__(self, config: PerturbedVAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.members = nn.ModuleList(MechanismEffects(config) for _ in range(config.effect_members))
+
+    def set_single_priors(self, changes: torch.Tensor, measured: torch.Tensor, initialize: bool = True) -> None:
+        for member in self.members:
+            member.set_single_priors(changes, measured, initialize)
+
+    def forward(self, perturbations: torch.Tensor, deterministic: bool) -> MechanismOutput:
+        """Member 0's output (latent views: z_p)."""
+        return self.members[0](perturbations, deterministic)
+
+    def member_outputs(self, perturbations: torch.Tensor, deterministic: bool) -> list[MechanismOutput]:
+        return [member(perturbations, deterministic) for member in self.members]
+
+    def predicted_change(self, perturbations: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member.predicted_change(perturbations) for member in self.members]).mean(dim=0)
+
+    condition_prediction = staticmethod(MechanismEffects.condition_prediction)
+
+    def dag_penalty(self) -> torch.Tensor:
+        return torch.stack([member.dag_penalty() for member in self.members]).mean()
+
+    # --- member 0's views ------------------------------------------------------------------------------
+
+    def keep_probabilities(self) -> torch.Tensor:
+        return self.members[0].keep_probabilities()
+
+    def effect_vectors(self) -> torch.Tensor:
+        return self.members[0].effect_vectors()
+
+    def adjacency(self) -> torch.Tensor:
+        return self.members[0].adjacency()
+
+    def decode(self, u: torch.Tensor) -> torch.Tensor:
+        return self.members[0].decode(u)
 
 
 class MechanismOutput(PerturbationOutput):

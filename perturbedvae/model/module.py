@@ -36,7 +36,7 @@ from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.model.effects import PerturbationEffects, PerturbationOutput
 from perturbedvae.model.layers import mlp
 from perturbedvae.model.likelihoods import LIKELIHOOD_HEADS, GenerativeOutput
-from perturbedvae.model.mechanism import MechanismEffects
+from perturbedvae.model.mechanism import MechanismEffects, MechanismEnsemble
 from perturbedvae.model.rows import unique_rows
 
 _LOG_VARIANCE_RANGE = (-10.0, 10.0)
@@ -99,7 +99,8 @@ class PerturbedVAEModule(nn.Module):
         if config.composition == "mechanism":
             if gene_features is not None:
                 raise ConfigError("composition mechanism takes no gene_features")
-            self.effects = MechanismEffects(config)
+            # One member keeps the state-dict keys of heads saved before ensembles existed.
+            self.effects = MechanismEffects(config) if config.effect_members == 1 else MechanismEnsemble(config)
         else:
             self.effects = PerturbationEffects(config, gene_features)
         self.decoder = mlp(config.n_latent + self.n_covariates, config.n_hidden, config.n_layers, config.dropout)
@@ -207,7 +208,12 @@ class PerturbedVAEModule(nn.Module):
 
         covariates = batch.get("covariates")
         inference, reference_mean = self._encode_with_reference(h, batch.get("control_h"), covariates)
-        effect = self.perturbation_effect(perturbations)
+        if self.uses_mechanisms:
+            _check_width("perturbations", perturbations, self.config.n_perturbations, "n_perturbations")
+            members = self.effects.member_outputs(perturbations, deterministic=not self.training)
+            effect = members[0]
+        else:
+            effect = self.perturbation_effect(perturbations)
         is_control = perturbations.ne(0).sum(dim=1) == 0
         # Each cell's condition as an index, for the per-condition alignment and the counterfactual term: the
         # mechanism effects group the batch by condition already.
@@ -219,7 +225,7 @@ class PerturbedVAEModule(nn.Module):
         qz_mean = inference.qz_mean
         if self.uses_mechanisms:
             reconstruction, counterfactual, qz_mean, is_control = self._mechanism_terms(
-                batch, inference, reference_mean, effect, library_size, is_control, condition
+                batch, inference, reference_mean, members, library_size, is_control, condition
             )
         else:
             generative = self.generative(inference.z + effect.z_p, library_size, covariates=covariates)
@@ -236,7 +242,7 @@ class PerturbedVAEModule(nn.Module):
             alignment = condition_alignment_penalty(qz_mean, is_control, condition)
         else:
             alignment = kl.new_zeros(())
-        sparsity = effect.sparsity
+        sparsity = _mean([member.sparsity for member in members]) if self.uses_mechanisms else effect.sparsity
         dag = self.effects.dag_penalty()
         total = (
             reconstruction
@@ -275,7 +281,7 @@ class PerturbedVAEModule(nn.Module):
         """Whether the loss has a counterfactual term: reference controls and the Gaussian likelihood."""
         return reference_mean is not None and self.config.likelihood == "gaussian"
 
-    def _mechanism_terms(self, batch, inference: InferenceOutput, reference_mean: torch.Tensor | None, effect,
+    def _mechanism_terms(self, batch, inference: InferenceOutput, reference_mean: torch.Tensor | None, members: list,
                          library_size, is_control: torch.Tensor, condition: torch.Tensor):
         """Reconstruction, counterfactual term and the MMD's (z means, control flags) of the mechanism design.
 
@@ -288,35 +294,43 @@ class PerturbedVAEModule(nn.Module):
         singles teach effects, masks and programs, combinations the departure. With reference control cells
         (`control_h`, `control_x`), their decoded mean plus each condition's predicted change must match the
         mean of that condition's cells (Gaussian), and they join the MMD's controls.
+
+        `members` holds one output per mechanism member (`model.effect_members`): both terms are the mean
+        of the members' own terms over one decoder pass, so each member fits the data on its own.
         """
         x = batch["x"]
         n_cells = x.shape[0]
-        condition_change = self.effects.condition_prediction(effect)
-        change = condition_change[condition]
         # The reference controls' decoder pass joins the batch's (see `_encode_with_reference`).
         counterfactual_controls = self._fits_counterfactual_means(reference_mean)
         hidden = self.decoder(torch.cat([inference.z, reference_mean]) if counterfactual_controls else inference.z)
-        generative = self.likelihood_head(hidden[:n_cells], library_size, change)
-        reconstruction = -generative.cell_log_prob(x, batch.get("x_nonzero")).mean()
-        single = (effect.condition_anchorable & (effect.condition_n_genes == 1))[condition]
-        gap = effect.condition_modelled - effect.condition_anchored
-        misfit = gap[condition[single]] ** 2 * generative.offset_precision(single)
-        reconstruction = reconstruction + misfit.sum() / (2 * n_cells)
-        qz_mean, counterfactual = inference.qz_mean, reconstruction.new_zeros(())
+        decoded_controls = self.likelihood_head.average_mean(hidden[n_cells:]) if counterfactual_controls else None
+        # The batch's conditions, and so the singles' cells, are the same for every member.
+        single = (members[0].condition_anchorable & (members[0].condition_n_genes == 1))[condition]
+        base = self.likelihood_head.base(hidden[:n_cells])  # one output-layer pass for every member's offset
+        reconstructions, counterfactuals = [], []
+        for effect in members:
+            condition_change = self.effects.condition_prediction(effect)
+            generative = self.likelihood_head.with_offset(base, library_size, condition_change[condition])
+            gap = effect.condition_modelled - effect.condition_anchored
+            misfit = gap[condition[single]] ** 2 * generative.offset_precision(single)
+            reconstructions.append(-generative.cell_log_prob(x, batch.get("x_nonzero")).mean() + misfit.sum() / (2 * n_cells))
+            if counterfactual_controls:
+                counterfactuals.append(self._counterfactual_means(decoded_controls, batch["control_x"], x, condition, condition_change, n_cells))
+        reconstruction = _mean(reconstructions)
+        counterfactual = _mean(counterfactuals) if counterfactuals else reconstruction.new_zeros(())
+        qz_mean = inference.qz_mean
         if reference_mean is not None:
             qz_mean = torch.cat([qz_mean, reference_mean])
             is_control = torch.cat([is_control, is_control.new_ones(reference_mean.shape[0])])
-            if counterfactual_controls:
-                counterfactual = self._counterfactual_means(hidden[n_cells:], batch["control_x"], x, condition, condition_change, n_cells)
         return reconstruction, counterfactual, qz_mean, is_control
 
-    def _counterfactual_means(self, hidden_control, x_control, x, group, condition_change, n_cells: int) -> torch.Tensor:
+    def _counterfactual_means(self, decoded, x_control, x, group, condition_change, n_cells: int) -> torch.Tensor:
         """Σ over the batch's conditions (and the reference controls) of n · Σ_g (observed − predicted mean)² / 2σ_g².
 
-        Predicted means start from the reference controls' posterior means (`hidden_control`: their decoder
-        output), as predictions do; `group` [B] is each cell's row of `condition_change` [conditions, genes].
+        Predicted means start from the reference controls' decoded mean (`decoded` [genes]: the average of
+        their posterior means' decoder output), as predictions do; `group` [B] is each cell's row of
+        `condition_change` [conditions, genes].
         """
-        decoded = self.likelihood_head.average_mean(hidden_control)
         n_groups = len(condition_change)
         sizes = torch.bincount(group, minlength=n_groups).to(x.dtype)
         observed = torch.zeros(n_groups, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, group, x) / sizes[:, None]
@@ -366,10 +380,11 @@ class PerturbedVAEModule(nn.Module):
             z_inv = posterior.qz_mean
             if sample:
                 z_inv = z_inv + torch.exp(0.5 * posterior.qz_logvar) * torch.randn_like(z_inv)
-            effect = self.perturbation_effect(perturbations)
             if self.uses_mechanisms:
-                output = self.generative(z_inv, library_size, self.effects.prediction(effect) + self.control_offset)
+                _check_width("perturbations", perturbations, self.config.n_perturbations, "n_perturbations")
+                output = self.generative(z_inv, library_size, self.effects.predicted_change(perturbations) + self.control_offset)
             else:
+                effect = self.perturbation_effect(perturbations)
                 output = self.generative(z_inv + effect.z_p, library_size, covariates=covariates)
             return output.sample_log_normalized() if sample else output.log_normalized()
         finally:
@@ -395,6 +410,11 @@ class PerturbedVAEModule(nn.Module):
 def _standard_normal_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Elementwise KL(N(mean, exp(logvar)) || N(0, 1))."""
     return 0.5 * (mean**2 + torch.exp(logvar) - 1.0 - logvar)
+
+
+def _mean(terms: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of scalar loss terms (the one term itself when there is one: a single member adds no operation)."""
+    return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
 
 
 def _required(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
