@@ -251,6 +251,20 @@ def test_effect_members_save_and_load_and_one_member_keeps_the_old_keys(tmp_path
     torch.testing.assert_close(loaded.predict(h, rows), module.predict(h, rows))
 
 
+@pytest.mark.parametrize("members", [1, 3])
+def test_a_batch_of_controls_only_has_no_change_and_no_mechanism_penalty(members):
+    torch.manual_seed(6)
+    module = PerturbedVAEModule(mechanism_config(effect_members=members))
+    module.set_single_priors(torch.randn(N_PERTURBATIONS, N_GENES), torch.ones(N_PERTURBATIONS, dtype=torch.bool))
+    batch = synthetic_batch("gaussian")
+    controls = {**batch, "perturbations": torch.zeros_like(batch["perturbations"])}
+    outputs = module.effects.member_outputs(controls["perturbations"], deterministic=False)
+    assert outputs.condition_modelled.shape == (members, 1, N_GENES) and not outputs.condition_modelled.any()
+    parts = module(controls).parts
+    assert float(parts["sparsity"]) == 0.0 and torch.isfinite(parts["reconstruction"])
+    torch.testing.assert_close(module.effects.predicted_change(controls["perturbations"][:4]), torch.zeros(4, N_GENES))
+
+
 def test_effect_members_need_the_mechanism_composition():
     with pytest.raises(ConfigError, match="effect_members > 1 needs composition mechanism"):
         tiny_config(effect_members=2)

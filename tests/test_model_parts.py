@@ -117,6 +117,19 @@ def test_cell_log_prob_on_non_zero_counts_equals_the_dense_sum_and_its_gradients
         torch.testing.assert_close(fast.grad, reference.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_cell_log_prob_of_stacked_means_is_each_means_own():
+    """Means with a leading dimension (the mechanism members' offsets) share the counts: one result per mean."""
+    generator = torch.Generator().manual_seed(2)
+    counts = torch.poisson(torch.rand(16, 50, generator=generator) * 3.0) * (torch.rand(16, 50, generator=generator) < 0.3)
+    means, theta = torch.rand(3, 16, 50, generator=generator).mul(20).add(0.1), torch.rand(50, generator=generator).add(0.05)
+    stacked = negative_binomial_cell_log_prob(counts, means, theta)
+    assert stacked.shape == (3, 16)
+    torch.testing.assert_close(stacked, torch.stack([negative_binomial_cell_log_prob(counts, mean, theta) for mean in means]))
+    output = NegativeBinomialOutput(torch.softmax(means, dim=-1), counts.sum(1) + 1.0, theta)
+    rows = torch.tensor([2, 7])
+    torch.testing.assert_close(output.offset_precision(rows)[1], NegativeBinomialOutput(output.normalized_rate[1], output.library_size, theta).offset_precision(rows))
+
+
 def test_cell_log_prob_with_given_non_zero_positions_equals_the_searched_ones_even_with_stored_zeros():
     """`nonzero` read off CSR rows (the batch's `x_nonzero`) gives the same values and gradients (issue 14)."""
     generator = torch.Generator().manual_seed(1)

@@ -57,7 +57,9 @@ def negative_binomial_log_prob(
 def negative_binomial_cell_log_prob(
     x: torch.Tensor, mean: torch.Tensor, inverse_dispersion: torch.Tensor, nonzero: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Σ over genes of `negative_binomial_log_prob` per cell: x, mean [B, genes], inverse dispersion [genes] -> [B].
+    """Σ over genes of `negative_binomial_log_prob` per cell: x [B, genes], mean [..., B, genes], θ [genes] -> [..., B].
+
+    Leading dimensions of `mean` (the mechanism members' offsets) share x and so its non-zero positions.
 
     Every term with a factor x or of the form lgamma(x+θ) − lgamma(θ) − lgamma(x+1) is exactly 0 where
     x = 0, and so is its gradient, so those terms are evaluated on the non-zero counts only; only
@@ -77,14 +79,14 @@ def negative_binomial_cell_log_prob(
     zero_count_part = (inverse_dispersion * torch.log(theta_eps)).sum() - (log_theta_mu * inverse_dispersion).sum(dim=-1)
     flat = x.reshape(-1).nonzero().squeeze(1) if nonzero is None else nonzero
     cells, genes = flat // n_genes, flat % n_genes
-    counts, mu = x.reshape(-1).take(flat), mean.reshape(-1).take(flat)
+    counts, mu = x.reshape(-1).take(flat), mean.flatten(start_dim=-2)[..., flat]
     count_part = (
         torch.lgamma(counts + inverse_dispersion[genes])
         - torch.lgamma(inverse_dispersion)[genes]
         - torch.lgamma(counts + 1.0)
         + counts * (torch.log(mu + _EPS) - torch.log(mu + theta_eps[genes]))
     )
-    return zero_count_part.index_add(0, cells, count_part.to(zero_count_part.dtype))
+    return zero_count_part.index_add(-1, cells, count_part.to(zero_count_part.dtype))
 
 
 @dataclass
@@ -141,13 +143,13 @@ class NegativeBinomialOutput:
         return negative_binomial_cell_log_prob(x, self.mean, self.inverse_dispersion, nonzero)
 
     def offset_precision(self, rows: torch.Tensor) -> torch.Tensor:
-        """[rows, genes] Fisher information of the rate-logit offset of the given cells (mask or index): μθ / (μ + θ).
+        """[..., rows, genes] Fisher information of the rate-logit offset of the given cells (mask or index): μθ / (μ + θ).
 
         The NB's counterpart of the Gaussian's 1/σ²: a squared error d² in the offset costs about
         d² · μθ / (2(μ + θ)) of log-likelihood. It is a weight, not a model term, so no gradient flows through
         it; only the asked rows' means are formed (the loss weighs the singles' cells, not the whole batch).
         """
-        mean = (self.normalized_rate[rows] * self.library_size[rows].unsqueeze(-1)).detach()
+        mean = (self.normalized_rate[..., rows, :] * self.library_size[rows].unsqueeze(-1)).detach()
         theta = self.inverse_dispersion.detach()
         return mean * theta / (mean + theta)
 

@@ -45,6 +45,8 @@ training combinations A is weakly determined (its L1 penalty keeps it empty unle
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -130,13 +132,7 @@ class MechanismEffects(nn.Module):
 
     def solve(self, shift: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """u [R, K] with u_j = s_j + (1 − M_j) Σ_i A_ij u_i, for shifts s and targets M, each [R, K]."""
-        adjacency = self.adjacency().float()
-        kept = adjacency.unsqueeze(0) * (1.0 - targets.float()).unsqueeze(1)  # column j scaled by (1 − M_j)
-        identity = torch.eye(shift.shape[-1], device=shift.device)
-        u = torch.linalg.solve_triangular(
-            identity - kept, shift.float().unsqueeze(1), upper=True, left=False, unitriangular=True
-        )
-        return u.squeeze(1).to(shift.dtype)
+        return _solve(self.adjacency(), shift, targets)
 
     def decode(self, u: torch.Tensor) -> torch.Tensor:
         """The gene-level change of responses u [R, K]: σ(p(u)); p(τ(u)) with saturation nodes; σ(p(τ(u))) with both.
@@ -145,21 +141,38 @@ class MechanismEffects(nn.Module):
         of its own, which a linear program can only fit by borrowing a second node (on the simulator,
         whose decoder is a random MLP, that borrowing was most of the false mask entries).
         """
+        return self._decode(u.unsqueeze(0), MemberTables.of([self]))[0]
+
+    def _decode(self, u: torch.Tensor, tables: MemberTables) -> torch.Tensor:
+        """`decode` of every member at once: u [M, R, K] -> [M, R, genes] through each member's own tables."""
         if self.config.saturation in ("nodes", "both"):
-            node_scale = self.kappa * self.node_scale
+            node_scale = tables.kappa[:, None, None] * tables.node_scale[:, None, :]
             u = node_scale * torch.tanh(u / node_scale)
-        programs = u @ self.programs if self.curvature is None else u @ self.programs + (u * u) @ self.curvature
+        programs = u @ tables.programs if tables.curvature is None else u @ tables.programs + (u * u) @ tables.curvature
         if self.config.saturation == "nodes":
             return programs
-        scale = self.kappa * self.gene_scale
+        scale = tables.kappa[:, None, None] * self.gene_scale
         return scale * torch.tanh(programs / scale)
 
     def forward(self, perturbations: torch.Tensor, deterministic: bool) -> MechanismOutput:
+        return self.member_outputs(perturbations, deterministic).member(0)
+
+    def member_outputs(self, perturbations: torch.Tensor, deterministic: bool) -> MemberOutputs:
+        """The outputs the loss fits, stacked over members (`MechanismEnsemble`); here the one model's."""
+        return self.respond(perturbations, deterministic, MemberTables.of([self]))
+
+    def respond(self, perturbations: torch.Tensor, deterministic: bool, tables: MemberTables) -> MemberOutputs:
+        """The outputs of every member of `tables` for multi-hot rows [B, P], in one pass of batched operations.
+
+        The batch's grouping into conditions, the anchors (`single_prior`) and the gene scale are the
+        members' common data and are this module's; effects, masks, graph, programs and saturation come
+        from `tables`. Each member draws its own relaxed mask samples.
+        """
         gene_index = perturbations.ne(0).any(dim=0).nonzero().squeeze(1)
         if gene_index.numel() == 0:
-            return self._no_perturbation(perturbations)
+            return self._no_perturbation(perturbations, tables.n_members)
         weights = perturbations[:, gene_index]
-        effects, logits = self.effect_table[gene_index], self.mask_logits()[gene_index]
+        effects, logits = tables.effects[:, gene_index], tables.logits[:, gene_index]  # [M, A, K]
         masks = self.mask.deterministic(logits, self.config.eval_mask) if deterministic else self.mask.sample(logits)
         rows, inverse = unique_rows(weights)  # few conditions per batch
         present = rows.ne(0).to(masks.dtype)
@@ -167,56 +180,49 @@ class MechanismEffects(nn.Module):
         # The batch's conditions and each present gene alone (f({g}), [A, genes]) in one solve and one decode.
         gene_shifts = masks * effects
         n_rows, shift = len(rows), rows @ gene_shifts
-        responses = self.solve(torch.cat([shift, gene_shifts]), torch.cat([targets, masks]))
-        u, decoded = responses[:n_rows], self.decode(responses)
-        modelled, singles = decoded[:n_rows], decoded[n_rows:]
+        responses = _solve(tables.adjacency, torch.cat([shift, gene_shifts], dim=1), torch.cat([targets, masks], dim=1))
+        decoded = self._decode(responses, tables)
+        modelled, singles = decoded[:, :n_rows], decoded[:, n_rows:]
         n_genes = present.sum(dim=1)
-        anchorable = (present @ (~self.has_prior[gene_index]).to(masks.dtype) == 0) & (n_genes > 0)
-        anchored = rows @ self.single_prior[gene_index] + modelled - rows @ singles
-        sparsity = self.mask.kl_to_prior(logits.float(), self.config.mask_prior_prob).sum()
-        effect_prior = 0.5 * effects.float().pow(2).sum()
-        n_cells = perturbations.shape[0]
-        return MechanismOutput(
-            z_p=u[inverse],
-            shift=shift[inverse],
+        sparsity = self.mask.kl_to_prior(logits.float(), self.config.mask_prior_prob).sum(dim=(1, 2))
+        effect_prior = 0.5 * effects.float().pow(2).sum(dim=(1, 2))
+        return MemberOutputs(
+            responses=responses[:, :n_rows],
+            shifts=shift,
             gene_index=gene_index,
             masks=masks,
-            sparsity=(sparsity + effect_prior) / n_cells,
+            sparsity=(sparsity + effect_prior) / perturbations.shape[0],
             condition=inverse,
             condition_modelled=modelled,
-            condition_anchored=anchored,
-            condition_anchorable=anchorable,
+            condition_anchored=rows @ self.single_prior[gene_index] + modelled - rows @ singles,
+            condition_anchorable=(present @ (~self.has_prior[gene_index]).to(masks.dtype) == 0) & (n_genes > 0),
             condition_n_genes=n_genes,
         )
 
-    def _no_perturbation(self, perturbations: torch.Tensor) -> MechanismOutput:
+    def _no_perturbation(self, perturbations: torch.Tensor, n_members: int) -> MemberOutputs:
         """Every cell a control: one condition, no change, no penalty."""
-        n_cells, k = perturbations.shape[0], self.config.n_latent
-        latent = self.effect_table.new_zeros(n_cells, k)
-        change = self.programs.new_zeros(1, self.config.n_genes)
-        return MechanismOutput(
-            z_p=latent, shift=latent, gene_index=perturbations.new_zeros(0, dtype=torch.long), masks=latent[:0],
-            sparsity=latent.sum() * 0.0, condition=torch.zeros(n_cells, dtype=torch.long, device=perturbations.device),
+        k, device = self.config.n_latent, perturbations.device
+        latent = self.effect_table.new_zeros(n_members, 1, k)
+        change = self.programs.new_zeros(n_members, 1, self.config.n_genes)
+        return MemberOutputs(
+            responses=latent, shifts=latent, gene_index=perturbations.new_zeros(0, dtype=torch.long), masks=latent[:, :0],
+            sparsity=latent.new_zeros(n_members), condition=torch.zeros(perturbations.shape[0], dtype=torch.long, device=device),
             condition_modelled=change, condition_anchored=change,
-            condition_anchorable=torch.zeros(1, dtype=torch.bool, device=perturbations.device),
-            condition_n_genes=change.new_zeros(1),
+            condition_anchorable=torch.zeros(1, dtype=torch.bool, device=device), condition_n_genes=change.new_zeros(1),
         )
 
-    def member_outputs(self, perturbations: torch.Tensor, deterministic: bool) -> list[MechanismOutput]:
-        """The outputs the loss fits, one per member (`MechanismEnsemble`); here the one model's."""
-        return [self(perturbations, deterministic)]
-
     def predicted_change(self, perturbations: torch.Tensor) -> torch.Tensor:
-        """[B, genes] the change predictions use (deterministic masks) for multi-hot rows [B, P]."""
-        return self.prediction(self(perturbations, deterministic=True))
+        """[B, genes] the change predictions use (deterministic masks) for multi-hot rows [B, P]: the members' mean."""
+        outputs = self.member_outputs(perturbations, deterministic=True)
+        return self.condition_prediction(outputs).mean(dim=0)[outputs.condition]
 
     def prediction(self, output: MechanismOutput) -> torch.Tensor:
         """[B, genes] the change used for predictions: anchored where every gene has a measured single, else modelled."""
         return self.condition_prediction(output)[output.condition]
 
     @staticmethod
-    def condition_prediction(output: MechanismOutput) -> torch.Tensor:
-        """`prediction` once per distinct condition of the batch ([conditions, genes], rows of `output.condition`)."""
+    def condition_prediction(output: MechanismOutput | MemberOutputs) -> torch.Tensor:
+        """`prediction` once per distinct condition of the batch ([conditions, genes] or [members, conditions, genes])."""
         return torch.where(output.condition_anchorable[:, None], output.condition_anchored, output.condition_modelled)
 
     # --- views -------------------------------------------------------------------------------------------
@@ -260,12 +266,15 @@ class MechanismEnsemble(nn.Module):
         """Member 0's output (latent views: z_p)."""
         return self.members[0](perturbations, deterministic)
 
-    def member_outputs(self, perturbations: torch.Tensor, deterministic: bool) -> list[MechanismOutput]:
-        return [member(perturbations, deterministic) for member in self.members]
+    def member_outputs(self, perturbations: torch.Tensor, deterministic: bool) -> MemberOutputs:
+        """Every member's output from one batched pass over the members' stacked parameters.
 
-    def predicted_change(self, perturbations: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member.predicted_change(perturbations) for member in self.members]).mean(dim=0)
+        The members' math is the same small operations on [conditions, K] and [K, genes] tensors, so a
+        loop over members paid their per-operation overhead once per member; stacked, each runs once.
+        """
+        return self.members[0].respond(perturbations, deterministic, MemberTables.of(self.members))
 
+    predicted_change = MechanismEffects.predicted_change
     condition_prediction = staticmethod(MechanismEffects.condition_prediction)
 
     def dag_penalty(self) -> torch.Tensor:
@@ -284,6 +293,50 @@ class MechanismEnsemble(nn.Module):
 
     def decode(self, u: torch.Tensor) -> torch.Tensor:
         return self.members[0].decode(u)
+
+
+@dataclass(frozen=True)
+class MemberTables:
+    """The learned tables of M mechanism members stacked on a leading member dimension (M = 1 for one model).
+
+    Stacking is an autograd operation, so gradients reach each member's own parameters.
+    """
+
+    effects: torch.Tensor  # [M, P, K]
+    logits: torch.Tensor  # [M, P, K] mask logits (unscaled)
+    adjacency: torch.Tensor  # [M, K, K]
+    programs: torch.Tensor  # [M, K, genes]
+    curvature: torch.Tensor | None  # [M, K, genes] with `curved_programs`
+    kappa: torch.Tensor  # [M]
+    node_scale: torch.Tensor  # [M, K]
+
+    @classmethod
+    def of(cls, members: Sequence[MechanismEffects]) -> MemberTables:
+        def stacked(tensors) -> torch.Tensor:
+            tensors = list(tensors)
+            return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+        return cls(
+            effects=stacked(member.effect_table for member in members),
+            logits=stacked(member.mask_logits() for member in members),
+            adjacency=stacked(member.adjacency() for member in members),
+            programs=stacked(member.programs for member in members),
+            curvature=None if members[0].curvature is None else stacked(member.curvature for member in members),
+            kappa=stacked(member.kappa for member in members),
+            node_scale=stacked(member.node_scale for member in members),
+        )
+
+    @property
+    def n_members(self) -> int:
+        return self.effects.shape[0]
+
+
+def _solve(adjacency: torch.Tensor, shift: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """u [..., R, K] with u_j = s_j + (1 − M_j) Σ_i A_ij u_i, for A [..., K, K] and s, M [..., R, K]."""
+    kept = adjacency.float().unsqueeze(-3) * (1.0 - targets.float()).unsqueeze(-2)  # column j scaled by (1 − M_j)
+    identity = torch.eye(shift.shape[-1], device=shift.device)
+    u = torch.linalg.solve_triangular(identity - kept, shift.float().unsqueeze(-2), upper=True, left=False, unitriangular=True)
+    return u.squeeze(-2).to(shift.dtype)
 
 
 class MechanismOutput(PerturbationOutput):
@@ -322,6 +375,35 @@ class MechanismOutput(PerturbationOutput):
     def anchorable(self) -> torch.Tensor:
         """[B] whether every gene of the cell's condition has a measured single."""
         return self.condition_anchorable[self.condition]
+
+
+@dataclass
+class MemberOutputs:
+    """The mechanism outputs of M members stacked on a leading member dimension, held once per condition.
+
+    What the loss reads in one go (`condition_modelled` [M, C, genes], ...); `member(i)` is member i's
+    `MechanismOutput`. The grouping into conditions (`condition`, `condition_anchorable`,
+    `condition_n_genes`) is the batch's, common to all members; the rest has the member dimension.
+    """
+
+    responses: torch.Tensor  # [M, C, K] latent response u of each condition
+    shifts: torch.Tensor  # [M, C, K]
+    gene_index: torch.Tensor  # [A]
+    masks: torch.Tensor  # [M, A, K]
+    sparsity: torch.Tensor  # [M]
+    condition: torch.Tensor  # [B]
+    condition_modelled: torch.Tensor  # [M, C, genes]
+    condition_anchored: torch.Tensor  # [M, C, genes]
+    condition_anchorable: torch.Tensor  # [C]
+    condition_n_genes: torch.Tensor  # [C]
+
+    def member(self, index: int) -> MechanismOutput:
+        return MechanismOutput(
+            z_p=self.responses[index][self.condition], shift=self.shifts[index][self.condition], gene_index=self.gene_index,
+            masks=self.masks[index], sparsity=self.sparsity[index], condition=self.condition,
+            condition_modelled=self.condition_modelled[index], condition_anchored=self.condition_anchored[index],
+            condition_anchorable=self.condition_anchorable, condition_n_genes=self.condition_n_genes,
+        )
 
 
 def varimax_rotation(loadings: torch.Tensor, iterations: int = 200, tolerance: float = 1e-6) -> torch.Tensor:

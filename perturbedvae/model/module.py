@@ -36,7 +36,7 @@ from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.model.effects import PerturbationEffects, PerturbationOutput
 from perturbedvae.model.layers import mlp
 from perturbedvae.model.likelihoods import LIKELIHOOD_HEADS, GenerativeOutput
-from perturbedvae.model.mechanism import MechanismEffects, MechanismEnsemble
+from perturbedvae.model.mechanism import MechanismEffects, MechanismEnsemble, MemberOutputs
 from perturbedvae.model.rows import unique_rows
 
 _LOG_VARIANCE_RANGE = (-10.0, 10.0)
@@ -197,6 +197,7 @@ class PerturbedVAEModule(nn.Module):
         h, x, perturbations = _required(batch, "h"), _required(batch, "x"), _required(batch, "perturbations")
         _check_width("h", h, self.config.n_input, "n_input")
         _check_width("x", x, self.config.n_genes, "n_genes")
+        _check_width("perturbations", perturbations, self.config.n_perturbations, "n_perturbations")
         if not h.shape[0] == x.shape[0] == perturbations.shape[0]:
             raise DataError(
                 f"batch tensors disagree on the number of cells: h {h.shape[0]}, x {x.shape[0]}, "
@@ -209,9 +210,7 @@ class PerturbedVAEModule(nn.Module):
         covariates = batch.get("covariates")
         inference, reference_mean = self._encode_with_reference(h, batch.get("control_h"), covariates)
         if self.uses_mechanisms:
-            _check_width("perturbations", perturbations, self.config.n_perturbations, "n_perturbations")
             members = self.effects.member_outputs(perturbations, deterministic=not self.training)
-            effect = members[0]
         else:
             effect = self.perturbation_effect(perturbations)
         is_control = perturbations.ne(0).sum(dim=1) == 0
@@ -219,7 +218,7 @@ class PerturbedVAEModule(nn.Module):
         # mechanism effects group the batch by condition already.
         condition = None
         if self.uses_mechanisms:
-            condition = effect.condition
+            condition = members.condition
         elif self.config.alignment == "mmd_per_condition":
             condition = unique_rows(perturbations)[1]
         qz_mean = inference.qz_mean
@@ -242,7 +241,7 @@ class PerturbedVAEModule(nn.Module):
             alignment = condition_alignment_penalty(qz_mean, is_control, condition)
         else:
             alignment = kl.new_zeros(())
-        sparsity = _mean([member.sparsity for member in members]) if self.uses_mechanisms else effect.sparsity
+        sparsity = members.sparsity.mean() if self.uses_mechanisms else effect.sparsity
         dag = self.effects.dag_penalty()
         total = (
             reconstruction
@@ -281,7 +280,7 @@ class PerturbedVAEModule(nn.Module):
         """Whether the loss has a counterfactual term: reference controls and the Gaussian likelihood."""
         return reference_mean is not None and self.config.likelihood == "gaussian"
 
-    def _mechanism_terms(self, batch, inference: InferenceOutput, reference_mean: torch.Tensor | None, members: list,
+    def _mechanism_terms(self, batch, inference: InferenceOutput, reference_mean: torch.Tensor | None, members: MemberOutputs,
                          library_size, is_control: torch.Tensor, condition: torch.Tensor):
         """Reconstruction, counterfactual term and the MMD's (z means, control flags) of the mechanism design.
 
@@ -295,8 +294,9 @@ class PerturbedVAEModule(nn.Module):
         (`control_h`, `control_x`), their decoded mean plus each condition's predicted change must match the
         mean of that condition's cells (Gaussian), and they join the MMD's controls.
 
-        `members` holds one output per mechanism member (`model.effect_members`): both terms are the mean
-        of the members' own terms over one decoder pass, so each member fits the data on its own.
+        `members` stacks the outputs of the mechanism members (`model.effect_members`): both terms are the
+        mean of the members' own terms over one decoder pass (offsets [members, B, genes] on one output
+        layer result), so each member fits the data on its own.
         """
         x = batch["x"]
         n_cells = x.shape[0]
@@ -304,20 +304,19 @@ class PerturbedVAEModule(nn.Module):
         counterfactual_controls = self._fits_counterfactual_means(reference_mean)
         hidden = self.decoder(torch.cat([inference.z, reference_mean]) if counterfactual_controls else inference.z)
         decoded_controls = self.likelihood_head.average_mean(hidden[n_cells:]) if counterfactual_controls else None
-        # The batch's conditions, and so the singles' cells, are the same for every member.
-        single = (members[0].condition_anchorable & (members[0].condition_n_genes == 1))[condition]
-        base = self.likelihood_head.base(hidden[:n_cells])  # one output-layer pass for every member's offset
-        reconstructions, counterfactuals = [], []
-        for effect in members:
-            condition_change = self.effects.condition_prediction(effect)
-            generative = self.likelihood_head.with_offset(base, library_size, condition_change[condition])
-            gap = effect.condition_modelled - effect.condition_anchored
-            misfit = gap[condition[single]] ** 2 * generative.offset_precision(single)
-            reconstructions.append(-generative.cell_log_prob(x, batch.get("x_nonzero")).mean() + misfit.sum() / (2 * n_cells))
-            if counterfactual_controls:
-                counterfactuals.append(self._counterfactual_means(decoded_controls, batch["control_x"], x, condition, condition_change, n_cells))
-        reconstruction = _mean(reconstructions)
-        counterfactual = _mean(counterfactuals) if counterfactuals else reconstruction.new_zeros(())
+        single = (members.condition_anchorable & (members.condition_n_genes == 1))[condition]
+        condition_change = self.effects.condition_prediction(members)  # [members, conditions, genes]
+        n_members = condition_change.shape[0]
+        generative = self.likelihood_head.with_offset(
+            self.likelihood_head.base(hidden[:n_cells]), library_size, condition_change[:, condition]
+        )
+        gap = members.condition_modelled - members.condition_anchored
+        misfit = gap[:, condition[single]] ** 2 * generative.offset_precision(single)
+        reconstruction = -generative.cell_log_prob(x, batch.get("x_nonzero")).mean() + misfit.sum() / (2 * n_cells * n_members)
+        if counterfactual_controls:
+            counterfactual = self._counterfactual_means(decoded_controls, batch["control_x"], x, condition, condition_change, n_cells)
+        else:
+            counterfactual = reconstruction.new_zeros(())
         qz_mean = inference.qz_mean
         if reference_mean is not None:
             qz_mean = torch.cat([qz_mean, reference_mean])
@@ -329,14 +328,15 @@ class PerturbedVAEModule(nn.Module):
 
         Predicted means start from the reference controls' decoded mean (`decoded` [genes]: the average of
         their posterior means' decoder output), as predictions do; `group` [B] is each cell's row of
-        `condition_change` [conditions, genes].
+        `condition_change` [members, conditions, genes], whose members' condition terms are averaged (the
+        controls' term is common to them).
         """
-        n_groups = len(condition_change)
+        n_members, n_groups = condition_change.shape[:2]
         sizes = torch.bincount(group, minlength=n_groups).to(x.dtype)
         observed = torch.zeros(n_groups, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, group, x) / sizes[:, None]
         predicted = decoded + condition_change
         precision = torch.exp(-self.likelihood_head.clamped_log_variance())
-        conditions = (sizes[:, None] * (observed - predicted) ** 2 * precision).sum()
+        conditions = (sizes[:, None] * (observed - predicted) ** 2 * precision).sum() / n_members
         controls = len(x_control) * ((x_control.mean(dim=0) - decoded) ** 2 * precision).sum()
         return (conditions + controls) / (2 * n_cells)
 
@@ -366,6 +366,7 @@ class PerturbedVAEModule(nn.Module):
         """
         _check_width("h_control", h_control, self.config.n_input, "n_input")
         perturbations = perturbations.reshape(-1, perturbations.shape[-1])
+        _check_width("perturbations", perturbations, self.config.n_perturbations, "n_perturbations")
         if perturbations.shape[0] == 1:
             perturbations = perturbations.expand(h_control.shape[0], -1)
         if perturbations.shape[0] != h_control.shape[0]:
@@ -381,7 +382,6 @@ class PerturbedVAEModule(nn.Module):
             if sample:
                 z_inv = z_inv + torch.exp(0.5 * posterior.qz_logvar) * torch.randn_like(z_inv)
             if self.uses_mechanisms:
-                _check_width("perturbations", perturbations, self.config.n_perturbations, "n_perturbations")
                 output = self.generative(z_inv, library_size, self.effects.predicted_change(perturbations) + self.control_offset)
             else:
                 effect = self.perturbation_effect(perturbations)
@@ -410,11 +410,6 @@ class PerturbedVAEModule(nn.Module):
 def _standard_normal_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Elementwise KL(N(mean, exp(logvar)) || N(0, 1))."""
     return 0.5 * (mean**2 + torch.exp(logvar) - 1.0 - logvar)
-
-
-def _mean(terms: list[torch.Tensor]) -> torch.Tensor:
-    """The mean of scalar loss terms (the one term itself when there is one: a single member adds no operation)."""
-    return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
 
 
 def _required(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
