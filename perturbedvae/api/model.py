@@ -53,7 +53,7 @@ DEFAULT_REPRESENTATION: dict[str, Any] = {"kind": "expression", "n_components": 
 DEFAULT_MODEL: dict[str, Any] = {
     "composition": "mechanism", "alignment": "mmd_per_condition", "n_latent": 16, "n_hidden": 128, "n_layers": 2, "dropout": 0.1,
     "effect_init_std": 0.01, "sparsity_weight": 0.1, "saturation_init": 1.5, "saturation": "both",
-    "curved_programs": True, "reference_controls": 32,
+    "curved_programs": True, "reference_controls": 32, "effect_members": 3,
 }
 """The design the benchmark keeps (`configs/norman_subset.yaml`); any PerturbedVAEConfig field overrides it."""
 
