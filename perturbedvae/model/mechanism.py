@@ -130,10 +130,6 @@ class MechanismEffects(nn.Module):
     def adjacency(self) -> torch.Tensor:
         return self.graph * self.strictly_upper
 
-    def solve(self, shift: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """u [R, K] with u_j = s_j + (1 − M_j) Σ_i A_ij u_i, for shifts s and targets M, each [R, K]."""
-        return _solve(self.adjacency(), shift, targets)
-
     def decode(self, u: torch.Tensor) -> torch.Tensor:
         """The gene-level change of responses u [R, K]: σ(p(u)); p(τ(u)) with saturation nodes; σ(p(τ(u))) with both.
 
@@ -180,7 +176,7 @@ class MechanismEffects(nn.Module):
         # The batch's conditions and each present gene alone (f({g}), [A, genes]) in one solve and one decode.
         gene_shifts = masks * effects
         n_rows, shift = len(rows), rows @ gene_shifts
-        responses = _solve(tables.adjacency, torch.cat([shift, gene_shifts], dim=1), torch.cat([targets, masks], dim=1))
+        responses = solve_scm(tables.adjacency, torch.cat([shift, gene_shifts], dim=1), torch.cat([targets, masks], dim=1))
         decoded = self._decode(responses, tables)
         modelled, singles = decoded[:, :n_rows], decoded[:, n_rows:]
         n_genes = present.sum(dim=1)
@@ -212,13 +208,12 @@ class MechanismEffects(nn.Module):
         )
 
     def predicted_change(self, perturbations: torch.Tensor) -> torch.Tensor:
-        """[B, genes] the change predictions use (deterministic masks) for multi-hot rows [B, P]: the members' mean."""
+        """[B, genes] the change predictions use (deterministic masks) for multi-hot rows [B, P]: the members' mean.
+
+        Anchored where every gene of a row's condition has a measured single, else modelled (`condition_prediction`).
+        """
         outputs = self.member_outputs(perturbations, deterministic=True)
         return self.condition_prediction(outputs).mean(dim=0)[outputs.condition]
-
-    def prediction(self, output: MechanismOutput) -> torch.Tensor:
-        """[B, genes] the change used for predictions: anchored where every gene has a measured single, else modelled."""
-        return self.condition_prediction(output)[output.condition]
 
     @staticmethod
     def condition_prediction(output: MechanismOutput | MemberOutputs) -> torch.Tensor:
@@ -331,7 +326,7 @@ class MemberTables:
         return self.effects.shape[0]
 
 
-def _solve(adjacency: torch.Tensor, shift: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def solve_scm(adjacency: torch.Tensor, shift: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """u [..., R, K] with u_j = s_j + (1 − M_j) Σ_i A_ij u_i, for A [..., K, K] and s, M [..., R, K]."""
     kept = adjacency.float().unsqueeze(-3) * (1.0 - targets.float()).unsqueeze(-2)  # column j scaled by (1 − M_j)
     identity = torch.eye(shift.shape[-1], device=shift.device)

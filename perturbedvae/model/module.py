@@ -212,7 +212,7 @@ class PerturbedVAEModule(nn.Module):
         if self.uses_mechanisms:
             members = self.effects.member_outputs(perturbations, deterministic=not self.training)
         else:
-            effect = self.perturbation_effect(perturbations)
+            effect = self.effects(perturbations, deterministic=not self.training)  # width checked above
         is_control = perturbations.ne(0).sum(dim=1) == 0
         # Each cell's condition as an index, for the per-condition alignment and the counterfactual term: the
         # mechanism effects group the batch by condition already.
@@ -384,7 +384,7 @@ class PerturbedVAEModule(nn.Module):
             if self.uses_mechanisms:
                 output = self.generative(z_inv, library_size, self.effects.predicted_change(perturbations) + self.control_offset)
             else:
-                effect = self.perturbation_effect(perturbations)
+                effect = self.effects(perturbations, deterministic=True)  # width checked above
                 output = self.generative(z_inv + effect.z_p, library_size, covariates=covariates)
             return output.sample_log_normalized() if sample else output.log_normalized()
         finally:
