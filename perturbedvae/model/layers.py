@@ -1,7 +1,8 @@
-"""The one MLP block every part of the head uses (encoder, decoder, gene-feature network)."""
+"""Building blocks every part of the head uses: the MLP block (encoder, decoder, gene-feature network) and the KL term."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -18,3 +19,8 @@ def mlp(n_input: int, n_hidden: int, n_layers: int, dropout: float) -> nn.Sequen
         layers += [nn.Linear(width, n_hidden), nn.LayerNorm(n_hidden), nn.GELU(), nn.Dropout(dropout)]
         width = n_hidden
     return nn.Sequential(*layers)
+
+
+def standard_normal_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(N(mean, exp(logvar)) || N(0, 1))."""
+    return 0.5 * (mean**2 + torch.exp(logvar) - 1.0 - logvar)

@@ -92,13 +92,16 @@ class MechanismEffects(nn.Module):
     # --- data-derived state ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def set_single_priors(self, changes: torch.Tensor, measured: torch.Tensor, initialize: bool = True) -> None:
+    def set_single_priors(self, changes: torch.Tensor, measured: torch.Tensor, initialize: bool = True,
+                          initial_effects: torch.Tensor | None = None) -> None:
         """Observed single-gene changes Δ_g [P, n_genes] (decoder scale) and which genes have one [P].
 
         With `initialize` (before training), also sets the saturation scale per gene and starts effects
-        and programs at a rank-K fit of the measured changes (SVD, optionally varimax-rotated:
-        `config.initial_rotation`), so f starts near the singles and training refines it; without, only
-        the anchors change (re-measured on more cells after training).
+        and programs near the singles, so training refines f: at a rank-K fit of the measured changes
+        (SVD), or, given `initial_effects` [P, ≤K] (`model.initial_effects: latent_shifts`), at those
+        effects with the programs fitted to the changes by least squares; either optionally
+        varimax-rotated (`config.initial_rotation`). Without `initialize`, only the anchors change
+        (re-measured on more cells after training).
         """
         changes = changes.float().to(self.single_prior.device)
         measured = measured.bool().to(self.single_prior.device)
@@ -108,17 +111,22 @@ class MechanismEffects(nn.Module):
             return
         rows = changes[measured]
         self.gene_scale.copy_(rows.abs().max(dim=0).values.clamp_min(_MIN_SCALE))
-        u, s, vh = torch.linalg.svd(rows / self.config.saturation_init, full_matrices=False)
+        targets = rows / self.config.saturation_init
+        u, s, vh = torch.linalg.svd(targets, full_matrices=False)
         k = min(self.config.n_latent, len(s))
         root = s[:k].sqrt()
-        identity = torch.eye(k, dtype=u.dtype, device=u.device)
-        rotation = varimax_rotation(u[:, :k] * root) if self.config.initial_rotation == "varimax" else identity
+        loadings, programs = u[:, :k] * root, root[:, None] * vh[:k]  # loadings @ programs: the rank-k fit
+        if initial_effects is not None:  # the latent shifts at the SVD start's overall size, programs fitted to them
+            given = initial_effects.float().to(loadings.device)[measured]
+            loadings = given * (loadings.norm() / given.norm().clamp_min(_MIN_SCALE))
+            programs = torch.linalg.pinv(loadings) @ targets
+        if self.config.initial_rotation == "varimax":
+            rotation = varimax_rotation(loadings)
+            loadings, programs = loadings @ rotation, rotation.T @ programs
         effects = torch.zeros_like(self.effect_table)
-        effects[measured, :k] = u[:, :k] * root @ rotation
+        effects[measured, : loadings.shape[1]] = loadings
         self.effect_table.copy_(effects + torch.randn_like(effects) * self.config.effect_init_std)
-        programs = torch.zeros_like(self.programs)
-        programs[:k] = rotation.T @ (root[:, None] * vh[:k])
-        self.programs.copy_(programs)
+        self.programs.zero_()[: loadings.shape[1]] = programs
         self.node_scale.copy_(effects[measured].abs().max(dim=0).values.clamp_min(_MIN_SCALE))
 
     # --- the model ---------------------------------------------------------------------------------------
@@ -253,9 +261,10 @@ class MechanismEnsemble(nn.Module):
         self.config = config
         self.members = nn.ModuleList(MechanismEffects(config) for _ in range(config.effect_members))
 
-    def set_single_priors(self, changes: torch.Tensor, measured: torch.Tensor, initialize: bool = True) -> None:
+    def set_single_priors(self, changes: torch.Tensor, measured: torch.Tensor, initialize: bool = True,
+                          initial_effects: torch.Tensor | None = None) -> None:
         for member in self.members:
-            member.set_single_priors(changes, measured, initialize)
+            member.set_single_priors(changes, measured, initialize, initial_effects)
 
     def forward(self, perturbations: torch.Tensor, deterministic: bool) -> MechanismOutput:
         """Member 0's output (latent views: z_p)."""

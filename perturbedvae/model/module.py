@@ -34,7 +34,7 @@ from perturbedvae.errors import ConfigError, DataError
 from perturbedvae.model.alignment import alignment_penalty, condition_alignment_penalty
 from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.model.effects import PerturbationEffects, PerturbationOutput
-from perturbedvae.model.layers import mlp
+from perturbedvae.model.layers import mlp, standard_normal_kl
 from perturbedvae.model.likelihoods import LIKELIHOOD_HEADS, GenerativeOutput
 from perturbedvae.model.mechanism import MechanismEffects, MechanismEnsemble, MemberOutputs
 from perturbedvae.model.rows import unique_rows
@@ -181,11 +181,12 @@ class PerturbedVAEModule(nn.Module):
             self.train(was_training)
         self.control_offset.copy_(x_control.float().mean(dim=0) - decoded.float())
 
-    def set_single_priors(self, changes: torch.Tensor, measured: torch.Tensor, initialize: bool = True) -> None:
+    def set_single_priors(self, changes: torch.Tensor, measured: torch.Tensor, initialize: bool = True,
+                          initial_effects: torch.Tensor | None = None) -> None:
         """Measured single-gene changes the "mechanism" composition anchors on (see `MechanismEffects`)."""
         if not self.uses_mechanisms:
             raise ConfigError("single priors are used by composition mechanism only")
-        self.effects.set_single_priors(changes, measured, initialize)
+        self.effects.set_single_priors(changes, measured, initialize, initial_effects)
 
     def loss(self, batch: dict[str, torch.Tensor], weights: LossWeights | None = None) -> LossOutput:
         """Weighted negative ELBO-style objective of a batch (keys: h, x, perturbations, library_size, covariates, x_nonzero).
@@ -233,7 +234,7 @@ class PerturbedVAEModule(nn.Module):
 
         # Penalties in float32 even under mixed-precision autocast: they are sums of many small terms.
         qz_mean, qz_logvar = qz_mean.float(), inference.qz_logvar.float()
-        kl = _standard_normal_kl(inference.qz_mean.float(), qz_logvar).sum(dim=-1).mean()
+        kl = standard_normal_kl(inference.qz_mean.float(), qz_logvar).sum(dim=-1).mean()
         if self.config.alignment == "mmd":
             alignment = alignment_penalty(qz_mean, is_control=is_control, adaptive=self.uses_mechanisms)
         elif self.config.alignment == "mmd_per_condition":
@@ -405,11 +406,6 @@ class PerturbedVAEModule(nn.Module):
         if self.uses_mechanisms:
             return self.effects.adjacency()
         return None if self.effects.causal is None else self.effects.causal.adjacency()
-
-
-def _standard_normal_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Elementwise KL(N(mean, exp(logvar)) || N(0, 1))."""
-    return 0.5 * (mean**2 + torch.exp(logvar) - 1.0 - logvar)
 
 
 def _required(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Before the first step, decoder output biases start at the training targets' per-gene scale (the head's
 first steps then go into the perturbation path, not into learning means), `model.standardize_inputs`
 takes the training cells' per-dimension scale of h, and the "mechanism"
-composition receives the measured single-gene changes it anchors its predictions on, from training
+composition receives the measured single-gene changes it anchors its predictions on (and, with
+`model.initial_effects: latent_shifts`, the singles' shifts in a VAE's latent to start from), from training
 cells only (held-out cells of `train.selection: held_out_cells` excluded: they select the epoch).
 
 After training (`finalize_head`), the anchors and the control calibration are measured again on every
@@ -21,6 +22,7 @@ from perturbedvae.data.conditions import CONTROL
 from perturbedvae.errors import ConfigError
 from perturbedvae.model import PerturbedVAEModule
 from perturbedvae.train.datamodule import PerturbationDataModule, dense_rows
+from perturbedvae.train.latent_shifts import latent_shift_effects
 
 MAX_INITIALIZATION_CELLS = 20_000
 """Training cells (a seeded sample) whose targets set the decoder biases; means converge long before."""
@@ -42,7 +44,8 @@ def initialize_head(module: PerturbedVAEModule, datamodule: PerturbationDataModu
     module.initialize_from_data(torch.from_numpy(dense_rows(datamodule.target, cells)))
     if module.uses_mechanisms:
         changes, measured = single_changes(datamodule, module.config.likelihood)
-        module.set_single_priors(torch.from_numpy(changes), torch.from_numpy(measured))
+        shifts = latent_shift_effects(datamodule, cells, module.config, seed) if module.config.initial_effects == "latent_shifts" else None
+        module.set_single_priors(torch.from_numpy(changes), torch.from_numpy(measured), initial_effects=shifts)
 
 
 def initialize_inputs(module: PerturbedVAEModule, datamodule: PerturbationDataModule, seed: int) -> None:
