@@ -62,3 +62,35 @@ def test_recovery_needs_simulated_data(tmp_path):
     config.data.synthetic, config.data.path = None, str(tmp_path / "real.h5ad")
     with pytest.raises(ConfigError, match="data.synthetic"):
         _script().recovery_report(config)
+
+
+def _ceiling_script():
+    spec = importlib.util.spec_from_file_location("identifiability_ceiling", REPO / "scripts" / "identifiability_ceiling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_ceiling_oracle_recovers_masks_with_the_true_decoder_and_scores_a_harsh_penalty_lower():
+    torch.set_num_threads(1)
+    ceiling = _ceiling_script()
+    config = ceiling.simulation_config(REPO / "configs" / "synthetic_identifiability.yaml", [
+        "n_latent=3", "n_perturbations=10", "n_genes=60", "n_combinations=2", "mask_prob=0.5", "seed=1",
+    ])
+    assert ceiling.supports(3).sum(dim=1).tolist() == [1, 1, 1, 2, 2, 2, 3]
+    report = ceiling.ceiling_report(config, penalties=(5.0, 1e6))
+    known = report["known_state"]
+    assert known["5.0"]["mask_f1"] > 0.9, known
+    # A penalty no fit can pay keeps one dimension per single: 10 entries open, hits + false alarms.
+    n_true = int((ceiling.simulated_truth(config).masks > 0).sum())
+    harsh = known["1000000.0"]
+    assert n_true > 10 and (n_true - harsh["missed"]) + harsh["false"] == 10, (n_true, harsh)
+    assert set(report) == {"known_state", "mean_profile"}
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("n_cells=3", "SimulationConfig field"), ("n_latent=two", "not a value of n_latent"), ("n_latent=0", "n_latent"),
+])
+def test_the_ceiling_refuses_a_bad_simulation_field(override, message):
+    with pytest.raises(SystemExit, match=message):
+        _ceiling_script().simulation_config(REPO / "configs" / "synthetic_identifiability.yaml", [override])

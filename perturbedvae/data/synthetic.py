@@ -122,7 +122,7 @@ class SimulationConfig:
 
 
 @dataclass
-class _Mechanisms:
+class SimulatedTruth:
     """The hidden truth: which genes move which latent dimensions, by how much, and the decoder."""
 
     genes: list[str]
@@ -181,7 +181,7 @@ class _Mechanisms:
         return weights / weights.sum(axis=1, keepdims=True)
 
 
-def _draw_mechanisms(config: SimulationConfig, streams: list[np.random.Generator]) -> _Mechanisms:
+def _draw_mechanisms(config: SimulationConfig, streams: list[np.random.Generator]) -> SimulatedTruth:
     mechanism_rng, decoder_rng, design_rng = streams
     latent, perturbed = config.n_latent, config.n_perturbations
     width = max(3, len(str(config.n_genes - 1)))
@@ -205,7 +205,7 @@ def _draw_mechanisms(config: SimulationConfig, streams: list[np.random.Generator
         graph = edges * weights * config.edge_weight
 
     hidden = config.decoder_hidden
-    return _Mechanisms(
+    return SimulatedTruth(
         genes=genes,
         perturbations=genes[:perturbed],
         masks=masks,
@@ -226,6 +226,16 @@ def _negative_binomial(rng: np.random.Generator, mean: np.ndarray, inverse_dispe
     return rng.poisson(rates)
 
 
+def simulated_truth(config: SimulationConfig) -> SimulatedTruth:
+    """The hidden truth `simulate(config)` draws its cells from: masks, effects, design and the decoder.
+
+    The same seed gives the same truth, so oracles (`scripts/identifiability_ceiling.py`) can use the
+    decoder that `uns['ground_truth']` does not store.
+    """
+    mechanism_seed, decoder_seed, design_seed, _ = np.random.SeedSequence(config.seed).spawn(4)
+    return _draw_mechanisms(config, [np.random.default_rng(seed) for seed in (mechanism_seed, decoder_seed, design_seed)])
+
+
 def simulate(config: SimulationConfig) -> ad.AnnData:
     """Simulate a screen of controls, singles and two-gene combinations with known sparse shifts.
 
@@ -241,11 +251,8 @@ def simulate(config: SimulationConfig) -> ad.AnnData:
     """
     if not isinstance(config, SimulationConfig):
         raise ConfigError(f"simulate expects a SimulationConfig, got {type(config).__name__}")
-    mechanism_seed, decoder_seed, design_seed, cell_seed = np.random.SeedSequence(config.seed).spawn(4)
-    truth = _draw_mechanisms(
-        config, [np.random.default_rng(seed) for seed in (mechanism_seed, decoder_seed, design_seed)]
-    )
-    cell_rng = np.random.default_rng(cell_seed)
+    truth = simulated_truth(config)
+    cell_rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(4)[3])
 
     shifts = truth.condition_shifts()
     cell_counts = {name: config.cells_per_condition for name in shifts}
