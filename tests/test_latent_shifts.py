@@ -13,7 +13,8 @@ from perturbedvae.data.splits import make_split
 from perturbedvae.data.synthetic import SimulationConfig, simulate
 from perturbedvae.errors import ConfigError, DataError
 from perturbedvae.evaluate.identifiability import mean_correlation_coefficient
-from perturbedvae.model.mechanism import MechanismEffects, varimax_rotation
+from perturbedvae.model import PerturbedVAEModule
+from perturbedvae.model.mechanism import varimax_rotation
 from perturbedvae.model.shift_vae import whitened_shifts
 from perturbedvae.train.config import ExperimentConfig
 from perturbedvae.train.datamodule import PerturbationDataModule
@@ -94,20 +95,22 @@ def test_latent_shifts_need_control_cells(screen):
         latent_shift_effects(datamodule, perturbed, _head_config(datamodule), seed=0)
 
 
-def test_given_initial_effects_start_the_table_with_programs_fitted_to_the_singles():
+@pytest.mark.parametrize("members", [1, 2])
+def test_given_initial_effects_start_the_table_with_programs_fitted_to_the_singles(members):
     generator = torch.Generator().manual_seed(3)
     given = torch.randn(N_PERTURBATIONS, 6, generator=generator)
     programs = torch.randn(6, N_GENES, generator=generator)
     measured = torch.tensor([True, True, True, False])
-    config = tiny_config(composition="mechanism", effect_init_std=1e-12)
-    effects = MechanismEffects(config)
-    effects.set_single_priors(given @ programs, measured, initial_effects=given)
-    start = effects.effect_table.detach()
-    assert start[3].abs().max() < 1e-9  # no single measured: no start
-    scale = start[:3].norm() / given[:3].norm()
-    torch.testing.assert_close(start[:3], given[:3] * scale, atol=1e-5, rtol=1e-5)  # the given effects, resized
-    fitted = start[:3] @ effects.programs.detach()
-    torch.testing.assert_close(fitted, (given @ programs)[:3] / config.saturation_init, atol=1e-4, rtol=1e-4)
+    config = tiny_config(composition="mechanism", effect_init_std=1e-12, effect_members=members)
+    module = PerturbedVAEModule(config)
+    module.set_single_priors(given @ programs, measured, initial_effects=given)
+    for effects in module.effects.members if members > 1 else [module.effects]:
+        start = effects.effect_table.detach()
+        assert start[3].abs().max() < 1e-9  # no single measured: no start
+        scale = start[:3].norm() / given[:3].norm()
+        torch.testing.assert_close(start[:3], given[:3] * scale, atol=1e-5, rtol=1e-5)  # the given effects, resized
+        fitted = start[:3] @ effects.programs.detach()
+        torch.testing.assert_close(fitted, (given @ programs)[:3] / config.saturation_init, atol=1e-4, rtol=1e-4)
 
 
 def test_initial_effects_is_checked():
