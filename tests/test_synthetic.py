@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from perturbedvae.data.conditions import CONTROL, genes_of
 from perturbedvae.data.loading import load_dataset
-from perturbedvae.data.synthetic import GROUND_TRUTH_KEY, SimulationConfig, simulate, simulate_to_file
+from perturbedvae.data.synthetic import GROUND_TRUTH_KEY, SimulationConfig, simulate, simulate_to_file, simulated_truth
 from perturbedvae.errors import ConfigError
 
 SMALL = dict(n_genes=60, n_latent=6, n_perturbations=8, n_combinations=10, cells_per_condition=12, n_control_cells=40)
@@ -221,3 +221,15 @@ def test_bad_config_values_name_the_problem(tmp_path, overrides, message):
 def test_output_must_be_h5ad(tmp_path):
     with pytest.raises(ConfigError, match=r"\.h5ad"):
         simulate_to_file(tmp_path / "sim.csv", **SMALL)
+
+
+def test_simulated_truth_is_the_truth_the_cells_were_drawn_from():
+    config = SimulationConfig(n_genes=30, n_latent=3, n_perturbations=6, n_combinations=3, cells_per_condition=200, seed=4)
+    adata, truth = simulate(config), simulated_truth(config)
+    np.testing.assert_array_equal(truth.masks, adata.uns["ground_truth"]["masks"])
+    np.testing.assert_array_equal(truth.effects, adata.uns["ground_truth"]["effects"])
+    # Its decoder gives the cells' expected shares: pooled over a condition's cells, counts follow them.
+    cells = (adata.obs["condition"] == truth.perturbations[0]).to_numpy()
+    expected = truth.expression_fractions(adata.obsm["z"][cells].astype(np.float64)).mean(axis=0)
+    observed = np.asarray(adata.X[cells].sum(axis=0)).ravel() / adata.X[cells].sum()
+    assert np.corrcoef(expected, observed)[0, 1] > 0.95
