@@ -17,7 +17,7 @@ from perturbedvae.model import PerturbedVAEModule
 from perturbedvae.model.mechanism import varimax_rotation
 from perturbedvae.model.shift_vae import whitened_shifts
 from perturbedvae.train.config import ExperimentConfig
-from perturbedvae.train.datamodule import PerturbationDataModule
+from perturbedvae.train.datamodule import PerturbationDataModule, dense_rows
 from perturbedvae.train import latent_shifts
 from perturbedvae.train.latent_shifts import latent_shift_effects
 from perturbedvae.train.representation import build_representation
@@ -54,6 +54,10 @@ def screen():
     return PerturbationDataModule.build(data, split, representation, "nb"), data.adata.uns["ground_truth"]
 
 
+def _targets(datamodule: PerturbationDataModule, cells: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(dense_rows(datamodule.target, cells))
+
+
 def _head_config(datamodule: PerturbationDataModule):
     return tiny_config(n_input=datamodule.representation.dim, n_genes=len(datamodule.data.genes),
                        n_perturbations=len(datamodule.perturbation_genes), n_latent=3, likelihood="nb",
@@ -67,7 +71,7 @@ def test_latent_shifts_recover_the_simulated_dimensions_and_leave_other_draws_al
     conditions = datamodule.data.conditions
     cells = datamodule.train_cells[conditions[datamodule.train_cells] != genes[0]]  # genes[0]'s single left out
     before = torch.random.get_rng_state()
-    shifts = latent_shift_effects(datamodule, cells, _head_config(datamodule), seed=0)
+    shifts = latent_shift_effects(datamodule, cells, _targets(datamodule, cells), _head_config(datamodule), seed=0)
     assert torch.equal(torch.random.get_rng_state(), before)  # the head's own draws stay as they were
     measured = np.isin(genes, conditions[cells])
     assert measured.sum() >= 20 and not measured[0]
@@ -82,7 +86,8 @@ def test_latent_shifts_recover_the_simulated_dimensions_and_leave_other_draws_al
 def test_latent_shifts_repeat_with_their_seed(screen, monkeypatch):
     datamodule, _ = screen
     monkeypatch.setattr(latent_shifts, "SHIFT_VAE_STEPS", 100)
-    first, again, other = (latent_shift_effects(datamodule, datamodule.train_cells, _head_config(datamodule), seed=seed)
+    first, again, other = (latent_shift_effects(datamodule, datamodule.train_cells, _targets(datamodule, datamodule.train_cells),
+                                                _head_config(datamodule), seed=seed)
                            for seed in (0, 0, 1))
     torch.testing.assert_close(again, first)
     assert (other - first).abs().max() > 1e-3
@@ -92,7 +97,7 @@ def test_latent_shifts_need_control_cells(screen):
     datamodule, _ = screen
     perturbed = datamodule.train_cells[datamodule.data.conditions[datamodule.train_cells] != "control"]
     with pytest.raises(DataError, match="control cells"):
-        latent_shift_effects(datamodule, perturbed, _head_config(datamodule), seed=0)
+        latent_shift_effects(datamodule, perturbed, _targets(datamodule, perturbed), _head_config(datamodule), seed=0)
 
 
 @pytest.mark.parametrize("members", [1, 2])

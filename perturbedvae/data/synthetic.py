@@ -232,8 +232,13 @@ def simulated_truth(config: SimulationConfig) -> SimulatedTruth:
     The same seed gives the same truth, so oracles (`scripts/identifiability_ceiling.py`) can use the
     decoder that `uns['ground_truth']` does not store.
     """
-    mechanism_seed, decoder_seed, design_seed, _ = np.random.SeedSequence(config.seed).spawn(4)
+    mechanism_seed, decoder_seed, design_seed, _ = _seed_streams(config)
     return _draw_mechanisms(config, [np.random.default_rng(seed) for seed in (mechanism_seed, decoder_seed, design_seed)])
+
+
+def _seed_streams(config: SimulationConfig) -> list[np.random.SeedSequence]:
+    """The simulation's independent seed streams, in order: mechanisms, decoder, design, cells."""
+    return np.random.SeedSequence(config.seed).spawn(4)
 
 
 def simulate(config: SimulationConfig) -> ad.AnnData:
@@ -252,7 +257,7 @@ def simulate(config: SimulationConfig) -> ad.AnnData:
     if not isinstance(config, SimulationConfig):
         raise ConfigError(f"simulate expects a SimulationConfig, got {type(config).__name__}")
     truth = simulated_truth(config)
-    cell_rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(4)[3])
+    cell_rng = np.random.default_rng(_seed_streams(config)[3])
 
     shifts = truth.condition_shifts()
     cell_counts = {name: config.cells_per_condition for name in shifts}

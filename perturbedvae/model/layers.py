@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+POSTERIOR_LOG_VARIANCE_RANGE = (-10.0, 10.0)
+"""Bounds of a Gaussian posterior's log-variance, so exp() neither underflows to 0 nor overflows."""
+
 
 def mlp(n_input: int, n_hidden: int, n_layers: int, dropout: float) -> nn.Sequential:
     """`n_layers` blocks of Linear -> LayerNorm -> GELU -> Dropout, ending at width `n_hidden`.

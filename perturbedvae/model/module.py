@@ -34,12 +34,11 @@ from perturbedvae.errors import ConfigError, DataError
 from perturbedvae.model.alignment import alignment_penalty, condition_alignment_penalty
 from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.model.effects import PerturbationEffects, PerturbationOutput
-from perturbedvae.model.layers import mlp, standard_normal_kl
+from perturbedvae.model.layers import POSTERIOR_LOG_VARIANCE_RANGE, mlp, standard_normal_kl
 from perturbedvae.model.likelihoods import LIKELIHOOD_HEADS, GenerativeOutput
 from perturbedvae.model.mechanism import MechanismEffects, MechanismEnsemble, MemberOutputs
 from perturbedvae.model.rows import unique_rows
 
-_LOG_VARIANCE_RANGE = (-10.0, 10.0)
 _MIN_INPUT_SCALE = 1e-6
 """Floor of `standardize_inputs`' per-dimension scale (a constant dimension then passes as 0, not NaN)."""
 
@@ -144,7 +143,7 @@ class PerturbedVAEModule(nn.Module):
             h = (h - self.input_mean) / self.input_scale
         hidden = self.encoder(self.with_covariates(h, covariates))
         mean = self.qz_mean(hidden)
-        logvar = self.qz_logvar(hidden).clamp(*_LOG_VARIANCE_RANGE)
+        logvar = self.qz_logvar(hidden).clamp(*POSTERIOR_LOG_VARIANCE_RANGE)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if self.training else mean
         return InferenceOutput(z=z, qz_mean=mean, qz_logvar=logvar)
 

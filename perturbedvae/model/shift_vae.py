@@ -16,10 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from perturbedvae.model.layers import standard_normal_kl
+from perturbedvae.model.layers import POSTERIOR_LOG_VARIANCE_RANGE, standard_normal_kl
 from perturbedvae.model.likelihoods import LIKELIHOOD_HEADS
-
-_LOG_VARIANCE_RANGE = (-10.0, 10.0)
 
 
 class ShiftVAE(nn.Module):
@@ -38,7 +36,7 @@ class ShiftVAE(nn.Module):
     def posterior(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance [cells, n_latent] of q(z | h)."""
         mean, log_variance = self.encoder(h).chunk(2, dim=-1)
-        return mean, log_variance.clamp(*_LOG_VARIANCE_RANGE)
+        return mean, log_variance.clamp(*POSTERIOR_LOG_VARIANCE_RANGE)
 
     def loss(self, h: torch.Tensor, x: torch.Tensor, library_size: torch.Tensor | None, kl_weight: float) -> torch.Tensor:
         """Negative ELBO per cell (the KL term weighted by `kl_weight`, warmed up by the caller)."""

@@ -41,10 +41,12 @@ def initialization_cells(datamodule: PerturbationDataModule, seed: int) -> np.nd
 def initialize_head(module: PerturbedVAEModule, datamodule: PerturbationDataModule, seed: int) -> None:
     """Set the decoder biases from training targets and, for the mechanism design, the single priors."""
     cells = initialization_cells(datamodule, seed)
-    module.initialize_from_data(torch.from_numpy(dense_rows(datamodule.target, cells)))
+    targets = torch.from_numpy(dense_rows(datamodule.target, cells))
+    module.initialize_from_data(targets)
     if module.uses_mechanisms:
         changes, measured = single_changes(datamodule, module.config.likelihood)
-        shifts = latent_shift_effects(datamodule, cells, module.config, seed) if module.config.initial_effects == "latent_shifts" else None
+        latent = module.config.initial_effects == "latent_shifts"
+        shifts = latent_shift_effects(datamodule, cells, targets, module.config, seed) if latent else None
         module.set_single_priors(torch.from_numpy(changes), torch.from_numpy(measured), initial_effects=shifts)
 
 

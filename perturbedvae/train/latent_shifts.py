@@ -15,7 +15,7 @@ from perturbedvae.data.conditions import CONTROL
 from perturbedvae.errors import ConfigError, DataError
 from perturbedvae.model.config import PerturbedVAEConfig
 from perturbedvae.model.shift_vae import ShiftVAE, whitened_shifts
-from perturbedvae.train.datamodule import PerturbationDataModule, dense_rows
+from perturbedvae.train.datamodule import PerturbationDataModule
 
 SHIFT_VAE_STEPS = 2_000
 """Optimizer steps; on the 60-perturbation simulator (3,400 training cells) this is ~150 passes over them."""
@@ -26,12 +26,14 @@ KL_WARMUP_STEPS = 200
 """The KL weight rises linearly to 1 over these steps, so early steps place cells before the prior pulls them in."""
 
 
-def latent_shift_effects(datamodule: PerturbationDataModule, cells: np.ndarray, config: PerturbedVAEConfig, seed: int) -> torch.Tensor:
+def latent_shift_effects(datamodule: PerturbationDataModule, cells: np.ndarray, targets: torch.Tensor, config: PerturbedVAEConfig,
+                         seed: int) -> torch.Tensor:
     """[P, n_latent] the whitened latent shift of each vocabulary gene's single from control (0 where it has no cells).
 
     Args:
         datamodule: The run's data; its representation h is the VAE's input (as it is the head's).
         cells: The training cells to fit on (`initialization_cells`); held-out conditions must not be among them.
+        targets: [cells, genes] their training targets (counts for nb), as `initialize_head` has read them.
         config: The head's config (latent width, likelihood).
         seed: Seeds the VAE's initial weights and batches.
 
@@ -48,7 +50,7 @@ def latent_shift_effects(datamodule: PerturbationDataModule, cells: np.ndarray, 
     if int(is_control.sum()) < 2:
         raise DataError("model.initial_effects: latent_shifts needs at least two training control cells")
     h = inputs["h"].float()
-    x = torch.from_numpy(dense_rows(datamodule.target, cells)).float()
+    x = targets.float()
     library_size = inputs.get("library_size") if config.likelihood == "nb" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
