@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from perturbedvae.data.synthetic import LEAKY_RELU_SLOPE, SimulatedTruth, SimulationConfig, simulate, simulated_truth
 from perturbedvae.errors import ConfigError
 from perturbedvae.evaluate.identifiability import mask_recovery_f1
+from perturbedvae.model.likelihoods import NORMALIZATION_TARGET, negative_binomial_log_prob
 from perturbedvae.train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,6 @@ DEFAULT_CONFIG = REPO / "configs" / "synthetic_identifiability.yaml"
 DEFAULT_PENALTIES = (1.0, 2.0, 5.0, 12.0, 30.0, 60.0, 100.0, 200.0, 400.0)
 STATE_DRAWS = 200
 """Draws of z_inv from N(0, I) over which `mean_profile` averages the decoded profile."""
-NORMALIZATION_TARGET = 1e4
 ORACLES = ("known_state", "mean_profile")
 
 
@@ -88,14 +88,13 @@ def fitted_losses(loss: Callable[[torch.Tensor], torch.Tensor], masks: torch.Ten
 
 
 def known_state_loss(decode, counts: torch.Tensor, states: torch.Tensor, dispersion: float):
-    """NB negative log-likelihood (up to constants) of one single's cells [C, genes] for shifts [S, K], states known."""
+    """NB negative log-likelihood of one single's cells [C, genes] for shifts [S, K], states known."""
     library = counts.sum(dim=1, keepdim=True)
-    log_theta = np.log(dispersion)
+    inverse_dispersion = torch.tensor(dispersion, dtype=counts.dtype)
 
     def loss(shifts: torch.Tensor) -> torch.Tensor:
-        log_mean = decode(states[None] + shifts[:, None]) + torch.log(library)  # [S, C, genes]
-        log_total = torch.logaddexp(log_mean, torch.full_like(log_mean, log_theta))
-        return -(counts * (log_mean - log_total) - dispersion * log_total).sum(dim=(1, 2))
+        mean = decode(states[None] + shifts[:, None]).exp() * library  # [S, C, genes]
+        return -negative_binomial_log_prob(counts, mean, inverse_dispersion).sum(dim=(1, 2))
 
     return loss
 
@@ -152,7 +151,10 @@ def markdown_table(reports: dict[int, dict[str, dict[str, dict[str, float]]]]) -
 
 def simulation_config(config_path: Path, overrides: list[str]) -> SimulationConfig:
     """The `SimulationConfig` of an experiment config's `data.synthetic`, with `key=value` field overrides."""
-    synthetic = load_config(config_path).data.synthetic
+    try:
+        synthetic = load_config(config_path).data.synthetic
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
     if synthetic is None:
         raise SystemExit(f"error: {config_path} has no data.synthetic; the ceiling needs a simulated screen")
     values = dict(synthetic)

@@ -94,3 +94,8 @@ def test_the_ceiling_oracle_recovers_masks_with_the_true_decoder_and_scores_a_ha
 def test_the_ceiling_refuses_a_bad_simulation_field(override, message):
     with pytest.raises(SystemExit, match=message):
         _ceiling_script().simulation_config(REPO / "configs" / "synthetic_identifiability.yaml", [override])
+
+
+def test_the_ceiling_refuses_a_missing_config_with_a_message(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        _ceiling_script().simulation_config(tmp_path / "absent.yaml", [])
