@@ -31,6 +31,26 @@ def test_solve_satisfies_the_intervened_structural_equations():
         torch.testing.assert_close(u[:, j], expected)
 
 
+def test_single_gene_conditions_read_off_their_genes_response_equal_their_own_solve():
+    """Only combinations (and a gene at another weight) are solved as conditions; the rest must match a direct solve."""
+    torch.manual_seed(4)
+    effects = MechanismEffects(mechanism_config(saturation="both", curved_programs=True, eval_mask="expected")).eval()
+    with torch.no_grad():
+        effects.graph.copy_(torch.randn(6, 6))
+        effects.programs.copy_(torch.randn_like(effects.programs))
+        effects.curvature.copy_(torch.randn_like(effects.curvature) * 0.1)
+        effects.logit_table.copy_(torch.randn_like(effects.logit_table))
+    rows = multi_hot((0,), (1, 2), (), (3,), (2,), (0, 1, 3))
+    rows[3, 3] = 0.5  # half a dose: not the gene's own response
+    output = effects(rows, deterministic=True)
+    masks = effects.keep_probabilities()
+    targets = 1.0 - torch.prod(1.0 - rows.ne(0).float()[:, :, None] * masks[None], dim=1)
+    direct = solve_scm(effects.adjacency(), rows @ (masks * effects.effect_table), targets)
+    torch.testing.assert_close(output.z_p, direct, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output.modelled, effects.decode(direct), rtol=1e-5, atol=1e-5)
+    assert output.modelled[2].abs().max() == 0 and output.modelled.abs().max() > 0.01
+
+
 def _two_node_chain(cut: bool) -> MechanismEffects:
     """Gene 0 shifts node 0, gene 1 shifts node 1; edge 0 -> 1 (weight 1) when `cut`; linear programs."""
     effects = MechanismEffects(mechanism_config(n_latent=2, saturation_init=1e6, eval_mask="expected"))

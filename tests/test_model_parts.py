@@ -165,6 +165,42 @@ def test_gaussian_log_prob_matches_torch_distributions():
     torch.testing.assert_close(gaussian_log_prob(x, mean, log_variance), reference)
 
 
+@pytest.mark.parametrize("head_class", [GaussianHead, NegativeBinomialHead])
+def test_condition_offset_fit_is_the_per_cell_likelihood_and_precision(head_class):
+    """Offsets held per condition ([members, conditions, genes]) score as if gathered per cell, values and gradients.
+
+    The Gaussian head computes it from per-condition sums (issue 11's speed); condition 3 has no cell.
+    """
+    generator = torch.Generator().manual_seed(5)
+    head = head_class(8, 30)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    group = torch.tensor([0, 1, 1, 2, 0, 4, 4, 4, 1, 2, 0, 0])
+    counts = torch.poisson(torch.rand(12, 30, generator=generator) * 4.0)
+    x = counts if head_class is NegativeBinomialHead else torch.log1p(counts)
+    library_size, rows = counts.sum(1) + 1.0, torch.rand(12, generator=generator) < 0.5
+    leaves = [torch.randn(12, 8, generator=generator), torch.randn(3, 5, 30, generator=generator) * 0.5]
+
+    def fit(grouped: bool):
+        head.zero_grad()
+        hidden, offsets = (leaf.clone().requires_grad_() for leaf in leaves)
+        base = head.base(hidden)
+        if grouped:
+            log_likelihood, precision = head.condition_offset_fit(base, library_size, offsets, group, x, None, rows)
+            weighted = (offsets**2 * precision).sum()
+        else:
+            output = head.with_offset(base, library_size, offsets[:, group])
+            log_likelihood = output.cell_log_prob(x).mean()
+            weighted = (offsets[:, group[rows]] ** 2 * output.offset_precision(rows)).sum()
+        (log_likelihood + weighted).backward()
+        return log_likelihood.detach(), weighted.detach(), hidden.grad, offsets.grad, [p.grad.clone() for p in head.parameters()]
+
+    for grouped, per_cell in zip(fit(True), fit(False)):
+        for value, reference in zip(*((grouped, per_cell) if isinstance(grouped, list) else ([grouped], [per_cell]))):
+            torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-4)
+
+
 def test_offset_precision_is_the_fisher_information_of_a_mean_offset():
     """Σ_x p(x) (∂ log p(x) / ∂η)² for the mean μ·e^η at η = 0, summed exactly over counts, and 1/σ² for the Gaussian."""
     rate, library, theta = torch.tensor([[0.002, 0.03, 0.2]]), torch.tensor([500.0]), torch.tensor([0.5, 3.0, 20.0])

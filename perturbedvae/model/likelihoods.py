@@ -218,6 +218,31 @@ class GaussianHead(nn.Module):
         """[B, genes] the output layer's result: the mean before any offset."""
         return self.mean(hidden)
 
+    def condition_offset_fit(self, base: torch.Tensor, library_size: torch.Tensor | None, offsets: torch.Tensor,
+                             group: torch.Tensor, x: torch.Tensor, nonzero: torch.Tensor | None,
+                             rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cells' log-likelihood under per-condition mean offsets, and the offsets' precision summed per condition.
+
+        `offsets` [M, C, genes] holds M sets (the mechanism members) of one offset per condition; cell b
+        has condition `group[b]`. Returns the mean over sets and cells of each cell's log-likelihood
+        (summed over genes) of N(x_b; base_b + offsets[m, group_b], σ²), and [C, genes] the 1/σ² of the
+        cells `rows` (mask) summed per condition (`offset_precision`; the same for every set).
+
+        Exact, from per-condition sums instead of [M, B, genes] tensors: with r = x − base,
+        Σ_b (r_b − o_c(b))² = Σ_b r_b² + Σ_c o_c ⊙ (n_c o_c − 2 Σ_{b∈c} r_b), so each set costs [C, genes]
+        work (a batch holds ~5× fewer conditions than cells). `library_size` and `nonzero` are not needed.
+        """
+        log_variance = self.clamped_log_variance()
+        precision = torch.exp(-log_variance)
+        n_sets, n_groups = offsets.shape[:2]
+        residual = x - base
+        sizes = torch.bincount(group, minlength=n_groups).to(residual.dtype)
+        sums = residual.new_zeros(n_groups, residual.shape[1]).index_add_(0, group, residual)
+        squares = (residual * residual).sum(dim=0) + (offsets * (sizes[:, None] * offsets - 2.0 * sums)).sum(dim=(0, 1)) / n_sets
+        log_likelihood = -0.5 * (x.shape[1] * math.log(2 * math.pi) + log_variance.sum() + (squares * precision).sum() / x.shape[0])
+        row_sizes = torch.bincount(group[rows], minlength=n_groups).to(precision.dtype)
+        return log_likelihood, row_sizes[:, None] * precision
+
     def with_offset(self, base: torch.Tensor, library_size: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> GaussianOutput:
         """The output from the layer's result `base` [B, genes] (the mean), so several offsets share one layer pass."""
         log_variance = self.clamped_log_variance().expand(base.shape[0], -1)
@@ -248,6 +273,19 @@ class NegativeBinomialHead(nn.Module):
     def base(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, genes] the output layer's result: the rate logits before any offset."""
         return self.rate_logits(hidden)
+
+    def condition_offset_fit(self, base: torch.Tensor, library_size: torch.Tensor | None, offsets: torch.Tensor,
+                             group: torch.Tensor, x: torch.Tensor, nonzero: torch.Tensor | None,
+                             rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`GaussianHead.condition_offset_fit` for counts: offsets [M, C, genes] add to the rate logits.
+
+        The softmax couples a cell's genes, so there are no per-condition sums: the cells' [M, B, genes]
+        means are formed. The precision sums are [M, C, genes] (μθ/(μ + θ) depends on each set's offset).
+        """
+        output = self.with_offset(base, library_size, offsets[:, group])
+        precision = output.offset_precision(rows)
+        sums = precision.new_zeros(*offsets.shape).index_add_(1, group[rows], precision)
+        return output.cell_log_prob(x, nonzero).mean(), sums
 
     def with_offset(self, base: torch.Tensor, library_size: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> NegativeBinomialOutput:
         """The output from the layer's result `base` [B, genes] (rate logits), so several offsets share one layer pass."""

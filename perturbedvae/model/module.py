@@ -295,8 +295,9 @@ class PerturbedVAEModule(nn.Module):
         mean of that condition's cells (Gaussian), and they join the MMD's controls.
 
         `members` stacks the outputs of the mechanism members (`model.effect_members`): both terms are the
-        mean of the members' own terms over one decoder pass (offsets [members, B, genes] on one output
-        layer result), so each member fits the data on its own.
+        mean of the members' own terms over one decoder pass (each member's per-condition offsets on one
+        output layer result; `condition_offset_fit`, which for the Gaussian never forms [members, B, genes]
+        tensors), so each member fits the data on its own.
         """
         x = batch["x"]
         n_cells = x.shape[0]
@@ -307,12 +308,12 @@ class PerturbedVAEModule(nn.Module):
         single = (members.condition_anchorable & (members.condition_n_genes == 1))[condition]
         condition_change = self.effects.condition_prediction(members)  # [members, conditions, genes]
         n_members = condition_change.shape[0]
-        generative = self.likelihood_head.with_offset(
-            self.likelihood_head.base(hidden[:n_cells]), library_size, condition_change[:, condition]
+        log_likelihood, single_precision = self.likelihood_head.condition_offset_fit(
+            self.likelihood_head.base(hidden[:n_cells]), library_size, condition_change, condition, x, batch.get("x_nonzero"), single
         )
         gap = members.condition_modelled - members.condition_anchored
-        misfit = gap[:, condition[single]] ** 2 * generative.offset_precision(single)
-        reconstruction = -generative.cell_log_prob(x, batch.get("x_nonzero")).mean() + misfit.sum() / (2 * n_cells * n_members)
+        misfit = gap**2 * single_precision  # zero weight on conditions with no measured single's cells
+        reconstruction = -log_likelihood + misfit.sum() / (2 * n_cells * n_members)
         if counterfactual_controls:
             counterfactual = self._counterfactual_means(decoded_controls, batch["control_x"], x, condition, condition_change, n_cells)
         else:
