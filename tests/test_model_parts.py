@@ -194,11 +194,10 @@ def test_condition_offset_fit_is_the_per_cell_likelihood_and_precision(head_clas
             log_likelihood = output.cell_log_prob(x).mean()
             weighted = (offsets[:, group[rows]] ** 2 * output.offset_precision(rows)).sum()
         (log_likelihood + weighted).backward()
-        return log_likelihood.detach(), weighted.detach(), hidden.grad, offsets.grad, [p.grad.clone() for p in head.parameters()]
+        return [log_likelihood.detach(), weighted.detach(), hidden.grad, offsets.grad, *(p.grad.clone() for p in head.parameters())]
 
-    for grouped, per_cell in zip(fit(True), fit(False)):
-        for value, reference in zip(*((grouped, per_cell) if isinstance(grouped, list) else ([grouped], [per_cell]))):
-            torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-4)
+    for value, reference in zip(fit(True), fit(False), strict=True):
+        torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_offset_precision_is_the_fisher_information_of_a_mean_offset():

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from perturbedvae.model.rows import group_sums
+
 NORMALIZATION_TARGET = 1e4
 """Counts per cell of the log-normalization log1p(1e4 · x / library size) used across the project."""
 
@@ -236,8 +238,7 @@ class GaussianHead(nn.Module):
         precision = torch.exp(-log_variance)
         n_sets, n_groups = offsets.shape[:2]
         residual = x - base
-        sizes = torch.bincount(group, minlength=n_groups).to(residual.dtype)
-        sums = residual.new_zeros(n_groups, residual.shape[1]).index_add_(0, group, residual)
+        sums, sizes = group_sums(residual, group, n_groups)
         squares = (residual * residual).sum(dim=0) + (offsets * (sizes[:, None] * offsets - 2.0 * sums)).sum(dim=(0, 1)) / n_sets
         log_likelihood = -0.5 * (x.shape[1] * math.log(2 * math.pi) + log_variance.sum() + (squares * precision).sum() / x.shape[0])
         row_sizes = torch.bincount(group[rows], minlength=n_groups).to(precision.dtype)

@@ -186,15 +186,15 @@ class MechanismEffects(nn.Module):
         read_off = ((n_genes == 1) & (rows.sum(dim=1) == 1)) | (n_genes == 0)
         own = (~read_off).nonzero().squeeze(1)
         gene_shifts = masks * effects
+        shift = rows @ gene_shifts
         own_targets = 1.0 - torch.exp(present[own] @ torch.log1p(-masks.clamp(max=1.0 - 1e-6)))
         # The combinations and each present gene alone (f({g}), [A, genes]) in one solve and one decode.
-        solved = solve_scm(tables.adjacency, torch.cat([rows[own] @ gene_shifts, gene_shifts], dim=1), torch.cat([own_targets, masks], dim=1))
+        solved = solve_scm(tables.adjacency, torch.cat([shift[:, own], gene_shifts], dim=1), torch.cat([own_targets, masks], dim=1))
         decoded = self._decode(solved, tables)
         n_own, lookup = len(own), present * read_off[:, None]  # lookup: the one-hot rows of single-gene conditions
         singles = decoded[:, n_own:]
         modelled = (lookup @ singles).index_copy(1, own, decoded[:, :n_own])
         responses = (lookup @ solved[:, n_own:]).index_copy(1, own, solved[:, :n_own])
-        shift = rows @ gene_shifts
         sparsity = self.mask.kl_to_prior(logits.float(), self.config.mask_prior_prob).sum(dim=(1, 2))
         effect_prior = 0.5 * effects.float().pow(2).sum(dim=(1, 2))
         return MemberOutputs(

@@ -37,7 +37,7 @@ from perturbedvae.model.effects import PerturbationEffects, PerturbationOutput
 from perturbedvae.model.layers import POSTERIOR_LOG_VARIANCE_RANGE, mlp, standard_normal_kl
 from perturbedvae.model.likelihoods import LIKELIHOOD_HEADS, GenerativeOutput
 from perturbedvae.model.mechanism import MechanismEffects, MechanismEnsemble, MemberOutputs
-from perturbedvae.model.rows import unique_rows
+from perturbedvae.model.rows import group_sums, unique_rows
 
 _MIN_INPUT_SCALE = 1e-6
 """Floor of `standardize_inputs`' per-dimension scale (a constant dimension then passes as 0, not NaN)."""
@@ -333,8 +333,8 @@ class PerturbedVAEModule(nn.Module):
         controls' term is common to them).
         """
         n_members, n_groups = condition_change.shape[:2]
-        sizes = torch.bincount(group, minlength=n_groups).to(x.dtype)
-        observed = torch.zeros(n_groups, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, group, x) / sizes[:, None]
+        sums, sizes = group_sums(x, group, n_groups)
+        observed = sums / sizes[:, None]
         predicted = decoded + condition_change
         precision = torch.exp(-self.likelihood_head.clamped_log_variance())
         conditions = (sizes[:, None] * (observed - predicted) ** 2 * precision).sum() / n_members

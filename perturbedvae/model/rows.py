@@ -41,6 +41,15 @@ def unique_rows(rows: torch.Tensor, projection: torch.Tensor | None = None) -> t
     return distinct, inverse
 
 
+def group_sums(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums [n_groups, ...], counts [n_groups]) of the rows of `values` [N, ...] by their group `group` [N] in 0..n_groups-1.
+
+    The per-condition statistics the head's terms are built from (a group without rows sums to 0, count 0).
+    """
+    sums = values.new_zeros(n_groups, *values.shape[1:]).index_add_(0, group, values)
+    return sums, torch.bincount(group, minlength=n_groups).to(values.dtype)
+
+
 def _projection(width: int, device: torch.device) -> torch.Tensor:
     """The fixed random direction of rows of `width` (seeded, so keys and orders repeat across runs)."""
     key = (width, str(device))

@@ -18,6 +18,7 @@ from torch import nn
 
 from perturbedvae.model.layers import POSTERIOR_LOG_VARIANCE_RANGE, standard_normal_kl
 from perturbedvae.model.likelihoods import LIKELIHOOD_HEADS
+from perturbedvae.model.rows import group_sums
 
 
 class ShiftVAE(nn.Module):
@@ -60,6 +61,5 @@ def whitened_shifts(latent: torch.Tensor, is_control: torch.Tensor, group: torch
     eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov((controls - centre).T).reshape(latent.shape[1], -1))
     whitening = eigenvectors @ torch.diag(eigenvalues.clamp_min(1e-6).rsqrt()) @ eigenvectors.T
     member = group >= 0
-    sums = latent.new_zeros(n_groups, latent.shape[1]).index_add_(0, group[member], latent[member] - centre)
-    counts = torch.bincount(group[member], minlength=n_groups).to(latent.dtype)
+    sums, counts = group_sums(latent[member] - centre, group[member], n_groups)
     return (sums / counts.clamp_min(1.0)[:, None]) @ whitening
